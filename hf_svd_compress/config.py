@@ -1,0 +1,147 @@
+"""`SVDConfig`: what to factor, how to regularize it and how to prune it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_FORMAT_VERSION = 1
+
+SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
+
+# Every linear layer of a BERT / ViT / DINOv2 block; never the pooler or the task head.
+_ENCODER_BLOCK_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
+    "bert": _ENCODER_BLOCK_TARGETS,
+    "roberta": _ENCODER_BLOCK_TARGETS,
+    "vit": _ENCODER_BLOCK_TARGETS,
+    "dinov2": ["query", "key", "value", "attention.output.dense", "mlp.fc1", "mlp.fc2"],
+}
+
+
+@dataclass
+class SVDConfig:
+    """Configuration of SVD training: which layers to factor, the regularizers and the pruning.
+
+    Args:
+        target_modules (`list[str]` or `str`, *optional*):
+            Which `nn.Linear` layers to factor, with peft's matching rules: a list matches module names exactly or
+            by `.suffix`; a string is a regex that must match the full module name; `"all-linear"` selects every
+            linear layer inside the repeated transformer blocks (never the pooler or the task head). `None` picks the
+            default for the model's `model_type` (see `DEFAULT_TARGET_MODULES`), else `"all-linear"`.
+        exclude_modules (`list[str]` or `str`, *optional*):
+            Modules never factored, with the same matching rules.
+        orth_weight (`float`, defaults to 0.1):
+            lambda_o, weight of the orthogonality loss `sum ||U^T U - I||_F^2 / r^2 + ||V^T V - I||_F^2 / r^2`.
+        sparsity (`str`, *optional*, defaults to `"hoyer"`):
+            Singular-value sparsity regularizer: `"l1"`, `"hoyer"`, `"hoyer_square"` or `None`.
+        sparsity_weight (`float`, defaults to 1e-3):
+            lambda_s, weight of the sparsity regularizer (summed over layers).
+        prune_energy (`float`, defaults to 0.95):
+            Fraction of each layer's spectral energy (sum of s^2) kept by energy pruning, in (0, 1].
+        prune_budget (`float`, *optional*):
+            If set, prune to this global fraction of the factored layers' parameters instead, in (0, 1).
+        init_energy (`float`, *optional*):
+            Start below full rank: keep this fraction of each layer's energy at factoring time.
+        init_max_rank (`int`, *optional*):
+            Start below full rank: cap every factored layer's rank at this value.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (exact or .suffix), a full-name regex, or 'all-linear'. None: per model_type."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules never factored (same matching rules as target_modules)."}
+    )
+    orth_weight: float = field(default=0.1, metadata={"help": "lambda_o: weight of the orthogonality loss."})
+    sparsity: str | None = field(
+        default="hoyer", metadata={"help": "Singular-value regularizer: 'l1', 'hoyer', 'hoyer_square' or None."}
+    )
+    sparsity_weight: float = field(default=1e-3, metadata={"help": "lambda_s: weight of the sparsity regularizer."})
+    prune_energy: float = field(
+        default=0.95, metadata={"help": "Energy (sum of s^2) each layer keeps when pruning, in (0, 1]."}
+    )
+    prune_budget: float | None = field(
+        default=None, metadata={"help": "Global fraction of factored-layer parameters kept, in (0, 1)."}
+    )
+    init_energy: float | None = field(
+        default=None, metadata={"help": "Keep this energy fraction at factoring time (start below full rank)."}
+    )
+    init_max_rank: int | None = field(default=None, metadata={"help": "Cap each layer's rank at factoring time."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple | set):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, tuple | set):
+            self.exclude_modules = sorted(self.exclude_modules)
+        _check_targets("target_modules", self.target_modules)
+        _check_targets("exclude_modules", self.exclude_modules)
+        if self.sparsity not in (*SPARSITY_KINDS, None):
+            raise ValueError(
+                f"SVDConfig.sparsity={self.sparsity!r} is not supported: use one of {SPARSITY_KINDS} or None "
+                "(no sparsity regularizer)."
+            )
+        for name in ("orth_weight", "sparsity_weight"):
+            _check_non_negative(name, getattr(self, name))
+        _check_fraction("prune_energy", self.prune_energy, closed_right=True)
+        if self.prune_budget is not None:
+            _check_fraction("prune_budget", self.prune_budget, closed_right=False)
+        if self.init_energy is not None:
+            _check_fraction("init_energy", self.init_energy, closed_right=True)
+        if self.init_max_rank is not None and (not isinstance(self.init_max_rank, int) or self.init_max_rank < 1):
+            raise ValueError(f"SVDConfig.init_max_rank={self.init_max_rank!r} must be a positive integer or None.")
+
+    def resolved_targets(self, model_type: str | None) -> list[str] | str:
+        """The target_modules to match for a model of `model_type` (the per-architecture default when unset)."""
+        if self.target_modules is not None:
+            return self.target_modules
+        return DEFAULT_TARGET_MODULES.get(model_type or "", "all-linear")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serializable dict with a `format_version`, the inverse of `from_dict`."""
+        return {"format_version": CONFIG_FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SVDConfig:
+        """Rebuild a config written by `to_dict`, refusing unknown versions and fields."""
+        data = dict(data)
+        version = data.pop("format_version", CONFIG_FORMAT_VERSION)
+        if version != CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"SVDConfig format_version {version} is not supported by this version of hf_svd_compress "
+                f"(it reads version {CONFIG_FORMAT_VERSION}); upgrade hf_svd_compress."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown SVDConfig fields {unknown}; known fields are {sorted(known)}.")
+        return cls(**data)
+
+
+def _check_targets(name: str, value: Any) -> None:
+    ok = (
+        value is None
+        or isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(v, str) and v for v in value))
+    )
+    if not ok or value == [] or value == "":
+        raise ValueError(
+            f"SVDConfig.{name}={value!r} is invalid: give a non-empty list of module names, a regex string, "
+            "'all-linear', or None."
+        )
+
+
+def _check_non_negative(name: str, value: Any) -> None:
+    if not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"SVDConfig.{name}={value!r} must be a number >= 0 (0 disables the term).")
+
+
+def _check_fraction(name: str, value: Any, closed_right: bool) -> None:
+    in_range = isinstance(value, int | float) and 0 < value and (value <= 1 if closed_right else value < 1)
+    if not in_range:
+        interval = "(0, 1]" if closed_right else "(0, 1)"
+        raise ValueError(f"SVDConfig.{name}={value!r} must be in {interval}, e.g. 0.9.")

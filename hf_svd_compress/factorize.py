@@ -1,0 +1,76 @@
+"""`svd_factorize_`: swap the target linear layers of a model for `SVDLinear`, in place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .config import SVDConfig
+from .layers import FACTORABLE_TYPES, SVDLinear
+from .matching import find_targets
+
+# Attribute of `model.config` that marks a factored model; survives save_pretrained and Trainer checkpoints.
+CONFIG_KEY = "svd_training"
+
+
+def svd_factorize_(
+    model: nn.Module, config: SVDConfig | None = None, filter_fn: Callable[[nn.Module, str], bool] | None = None
+) -> nn.Module:
+    """Replace the target layers of `model` by their full-rank SVD (`SVDLinear`), in place.
+
+    Args:
+        model (`nn.Module`): Usually a `PreTrainedModel`; any module works.
+        config (`SVDConfig`, *optional*): What to factor; defaults to `SVDConfig()` (per-architecture targets).
+        filter_fn (`Callable[[nn.Module, str], bool]`, *optional*): Extra filter on `(module, name)`, as in
+            torchao's `quantize_`.
+
+    Returns:
+        The same `model`, whose outputs equal the dense model's up to float error. Layers already factored are
+        left alone, so calling it twice is safe. `model.svd_config` holds the config (the trainer reads it).
+
+    Raises:
+        `NoTargetModulesError`: nothing matched. `TypeError`: a matched module is not a linear layer. Both are
+        raised before the model is changed.
+    """
+    config = config or SVDConfig()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = config.resolved_targets(model_type)
+    layer_types = (*FACTORABLE_TYPES, SVDLinear)
+    names = find_targets(model, targets, config.exclude_modules, layer_types)
+    modules = dict(model.named_modules())
+    if filter_fn is not None:
+        names = [n for n in names if filter_fn(modules[n], n)]
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], layer_types)]
+    if wrong:
+        raise TypeError(
+            f"target_modules={targets!r} matched modules that are not nn.Linear: {wrong[:5]}. Only linear layers "
+            "can be factored: target their linear sublayers by name (e.g. 'attention.self.query') or use 'all-linear'."
+        )
+    for name in names:
+        if not isinstance(modules[name], SVDLinear):
+            _replace(model, name, SVDLinear.from_linear(modules[name], config.init_energy, config.init_max_rank))
+    model.svd_config = config
+    _record_on_config(model, config)
+    return model
+
+
+def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
+    """The factored layers of `model`, by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SVDLinear)}
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    # Dropping the dense layer right away keeps at most one layer's worth of extra memory alive.
+    setattr(parent, child, new)
+
+
+def _record_on_config(model: nn.Module, config: SVDConfig) -> None:
+    """Store the config and full ranks on `model.config`, so checkpoints can be rebuilt factored."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is None:
+        return
+    ranks = {n: m.full_rank for n, m in svd_layers(model).items()}
+    setattr(hf_config, CONFIG_KEY, {"config": config.to_dict(), "ranks": ranks})

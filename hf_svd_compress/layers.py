@@ -1,0 +1,196 @@
+"""`SVDLinear`: a linear layer stored as its singular value decomposition `W = U diag(s) V^T`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .regularizers import orthogonality_loss, sparsity_loss
+
+# Layer types that `svd_factorize_` can factor: `nn.Linear` and transformers' `Conv1D` (GPT-2 style, weight [in, out]).
+FACTORABLE_TYPES = (nn.Linear, Conv1D)
+
+
+class SVDLinear(nn.Module):
+    """A linear layer parameterized by its SVD, `y = x V diag(s * mask) U^T + bias`.
+
+    Args:
+        in_features (`int`): Size of each input sample (`n`).
+        out_features (`int`): Size of each output sample (`m`).
+        rank (`int`): Number of singular triplets stored (`r`).
+        bias (`bool`, defaults to `True`): Whether the layer has a bias.
+
+    Parameters are `U` (m x r), `s` (r), `V` (n x r) and `bias` (m); the boolean buffer `mask` (r) marks the live
+    singular values. Masked values contribute nothing and get no gradient, so pruning never changes shapes (safe
+    under DDP); `truncate_` removes them for good.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.s = nn.Parameter(torch.empty(rank, **kw))
+        self.V = nn.Parameter(torch.empty(in_features, rank, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.register_buffer("mask", torch.ones(rank, dtype=torch.bool, device=device))
+        # Which regularizer terms forward() records, set by SVDTrainer; see `record_regularizers`.
+        self.orth_enabled = False
+        self.sparsity_kind: str | None = None
+        self.regularizer_terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def full_rank(self) -> int:
+        """Number of stored singular triplets (live or masked)."""
+        return self.s.shape[0]
+
+    @property
+    def rank(self) -> int:
+        """Number of live (unmasked) singular values."""
+        return int(self.mask.sum())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}/{self.full_rank}, "
+            f"bias={self.bias is not None}"
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, energy: float | None = None, max_rank: int | None = None) -> SVDLinear:
+        """Factor a dense layer by its SVD, computed in float32 (or float64 if the weight is float64).
+
+        Args:
+            linear (`nn.Linear` or `transformers.pytorch_utils.Conv1D`): The layer to factor.
+            energy (`float`, *optional*): Keep the fewest singular values holding this fraction of sum(s^2).
+            max_rank (`int`, *optional*): Keep at most this many singular values.
+
+        Returns:
+            `SVDLinear` on the weight's device and dtype, computing the same function (up to float error) when
+            no truncation is asked for.
+        """
+        weight = dense_weight(linear)
+        m, n = weight.shape
+        full = min(m, n)
+        keep = min(max_rank or full, full)
+        U, s, V = _svd(weight, keep if energy is None else full)
+        if energy is not None:
+            keep = min(keep, energy_rank(s, energy))
+        layer = cls(n, m, keep, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.U.copy_(U[:, :keep])
+            layer.s.copy_(s[:keep])
+            layer.V.copy_(V[:, :keep])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def live_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(U, s, V)` restricted to the live singular values, sorted by decreasing |s|."""
+        idx = torch.nonzero(self.mask).flatten()
+        idx = idx[torch.argsort(self.s.detach()[idx].abs(), descending=True)]
+        return self.U[:, idx], self.s[idx], self.V[:, idx]
+
+    def composed_weight(self) -> torch.Tensor:
+        """The dense weight `U diag(s * mask) V^T` (out x in)."""
+        return (self.U * self._live_s()) @ self.V.T
+
+    def to_linear(self) -> nn.Linear:
+        """Merge back into a dense `nn.Linear` computing the same function."""
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.U.device, dtype=self.U.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.composed_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    @torch.no_grad()
+    def truncate_(self) -> SVDLinear:
+        """Drop the masked singular triplets for good (new, smaller parameters); returns self."""
+        U, s, V = (t.detach().clone() for t in self.live_factors())
+        self.U, self.s, self.V = nn.Parameter(U), nn.Parameter(s), nn.Parameter(V)
+        self.mask = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+        return self
+
+    def use_composed(self, num_tokens: int) -> bool:
+        """Whether composing W first is cheaper than two thin matmuls for `num_tokens` input rows.
+
+        Composed: `m n r` (build W) + `T m n`; factored: `T r (m + n)`. The backward pass has the same ratio.
+        """
+        m, n, r = self.out_features, self.in_features, self.full_rank
+        return m * n * r + num_tokens * m * n <= num_tokens * r * (m + n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and (self.orth_enabled or self.sparsity_kind):
+            self.record_regularizers()
+        s = self._live_s()
+        if self.use_composed(x.numel() // self.in_features):
+            return F.linear(x, (self.U * s) @ self.V.T, self.bias)
+        # Folding s into V costs n*r multiplies instead of T*r for scaling the activations.
+        return F.linear(F.linear(x, (self.V * s).T), self.U, self.bias)
+
+    def record_regularizers(self) -> None:
+        """Compute this layer's regularizer terms inside forward, where sharded parameters are whole.
+
+        The trainer clears `regularizer_terms` before its forward pass and sums them after it, so a recomputation
+        under gradient checkpointing (which runs after the sum) is never counted.
+        """
+        zero = torch.zeros((), device=self.s.device, dtype=torch.float32)
+        orth = orthogonality_loss(self.U, self.V, self.mask) if self.orth_enabled else zero
+        sparsity = sparsity_loss(self.s, self.sparsity_kind, self.mask) if self.sparsity_kind else zero
+        self.regularizer_terms.append((orth, sparsity))
+
+    def _live_s(self) -> torch.Tensor:
+        return self.s * self.mask.to(self.s.dtype)
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out x in) weight of an `nn.Linear` or a transformers `Conv1D` (which stores it as in x out)."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.T
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    raise TypeError(f"Expected nn.Linear or transformers Conv1D, got {type(layer).__name__}.")
+
+
+def energy_rank(s: torch.Tensor, energy: float) -> int:
+    """Fewest singular values (largest |s| first) whose squared sum reaches `energy` of the total; at least 1."""
+    e = s.detach().float().square().sort(descending=True).values
+    total = e.sum()
+    if total <= 0:
+        return 1
+    cum = e.cumsum(0) / total
+    # Tolerance so that energy=1.0 keeps every non-zero value despite rounding in the cumulative sum.
+    k = int(torch.searchsorted(cum, torch.tensor(energy - 1e-7, device=cum.device)).item()) + 1
+    return max(1, min(k, s.shape[0]))
+
+
+def _svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD `W = U diag(s) V^T` of the top `rank` triplets, in float32 or higher, tall orientation."""
+    w = weight.detach()
+    w = w if w.dtype == torch.float64 else w.float()
+    transpose = w.shape[0] < w.shape[1]
+    if transpose:  # LAPACK's QR-first path is faster on tall matrices.
+        w = w.T
+    full = min(w.shape)
+    if rank <= full // 4:
+        # Randomized SVD is much cheaper when only a few triplets are kept.
+        U, s, V = torch.svd_lowrank(w, q=min(full, rank + max(10, math.ceil(0.1 * rank))), niter=4)
+    else:
+        U, s, Vh = torch.linalg.svd(w, full_matrices=False)
+        V = Vh.T
+    U, s, V = U[:, :rank], s[:rank], V[:, :rank]
+    return (V, s, U) if transpose else (U, s, V)

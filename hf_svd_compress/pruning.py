@@ -1,0 +1,106 @@
+"""Singular-value pruning: choose each factored layer's rank by energy or by a global parameter budget."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .factorize import svd_layers
+from .layers import SVDLinear, energy_rank
+
+logger = logging.getLogger(__name__)
+
+
+def layer_params(out_features: int, in_features: int, rank: int) -> int:
+    """Weight parameters a layer stores at `rank`: factored `r (m + n)`, or dense `m n` when that is smaller."""
+    return min(rank * (out_features + in_features), out_features * in_features)
+
+
+def worth_factoring(layer: SVDLinear, rank: int | None = None) -> bool:
+    """Whether keeping `rank` (default: the live rank) singular values stores fewer parameters than dense."""
+    rank = layer.rank if rank is None else rank
+    return rank * (layer.out_features + layer.in_features) < layer.out_features * layer.in_features
+
+
+def energy_ranks(layers: dict[str, SVDLinear], energy: float) -> dict[str, int]:
+    """Per layer, the fewest live singular values holding `energy` of the live spectral energy."""
+    return {name: energy_rank(layer.s[layer.mask], energy) for name, layer in layers.items()}
+
+
+def budget_ranks(layers: dict[str, SVDLinear], budget: float, iterations: int = 40) -> dict[str, int]:
+    """Ranks from the one energy threshold whose kept parameters fit `budget` of the layers' dense parameters.
+
+    Parameters kept grow with the threshold, so a bisection finds the largest threshold within budget.
+    """
+    allowed = budget * sum(layer.out_features * layer.in_features for layer in layers.values())
+
+    def cost(ranks: dict[str, int]) -> int:
+        return sum(layer_params(layers[n].out_features, layers[n].in_features, r) for n, r in ranks.items())
+
+    low, high = 0.0, 1.0
+    best = energy_ranks(layers, 1e-9)
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        ranks = energy_ranks(layers, mid)
+        if cost(ranks) <= allowed:
+            low, best = mid, ranks
+        else:
+            high = mid
+    if cost(best) > allowed:
+        logger.warning("Budget %.3f is below one singular value per layer; keeping rank 1 everywhere.", budget)
+    return best
+
+
+@torch.no_grad()
+def prune_(model: nn.Module, energy: float | None = None, budget: float | None = None) -> dict[str, int]:
+    """Mask the smallest singular values of every factored layer, in place (shapes unchanged, DDP-safe).
+
+    Args:
+        model (`nn.Module`): A model factored by `svd_factorize_`.
+        energy (`float`, *optional*): In (0, 1]; each layer keeps the fewest singular values whose squared sum is
+            at least `energy` of its total.
+        budget (`float`, *optional*): In (0, 1); keep this fraction of the factored layers' dense parameters,
+            counting a layer as dense where its rank saves nothing.
+
+    Returns:
+        `{module_name: rank}` of the live ranks after pruning. Already-masked values stay masked.
+    """
+    if (energy is None) == (budget is None):
+        raise ValueError("prune_ needs exactly one of energy= (e.g. 0.95) or budget= (e.g. 0.5).")
+    if energy is not None and not (isinstance(energy, int | float) and 0 < energy <= 1):
+        raise ValueError(f"prune_(energy={energy!r}): energy must be in (0, 1], e.g. 0.95 keeps 95% of sum(s^2).")
+    if budget is not None and not (isinstance(budget, int | float) and 0 < budget < 1):
+        raise ValueError(f"prune_(budget={budget!r}): budget must be in (0, 1), e.g. 0.5 keeps half the parameters.")
+    layers = svd_layers(model)
+    if not layers:
+        raise ValueError("prune_ found no SVDLinear layer: call svd_factorize_(model, config) first.")
+    ranks = energy_ranks(layers, energy) if energy is not None else budget_ranks(layers, budget)
+    for name, layer in layers.items():
+        _keep_largest(layer, ranks[name])
+    dense = [n for n, layer in layers.items() if not worth_factoring(layer)]
+    if dense:
+        logger.info("%d layer(s) keep a rank that saves no parameters and export dense: %s", len(dense), dense)
+    return ranks
+
+
+def truncate_(model: nn.Module) -> dict[str, int]:
+    """Slice every factored layer to its live singular values (new, smaller parameters); returns the ranks.
+
+    Changes parameter shapes: call it between training runs or before export, never on a DDP-wrapped model.
+    """
+    return {name: layer.truncate_().full_rank for name, layer in svd_layers(model).items()}
+
+
+def current_ranks(model: nn.Module) -> dict[str, int]:
+    """`{module_name: live rank}` of the factored layers."""
+    return {name: layer.rank for name, layer in svd_layers(model).items()}
+
+
+def _keep_largest(layer: SVDLinear, rank: int) -> None:
+    live = torch.nonzero(layer.mask).flatten()
+    order = torch.argsort(layer.s[live].abs(), descending=True)
+    new_mask = torch.zeros_like(layer.mask)
+    new_mask[live[order[:rank]]] = True
+    layer.mask.copy_(new_mask)

@@ -1,0 +1,75 @@
+"""The regularizers of SVD training, as pure functions computed in float32 whatever the training dtype.
+
+Orthogonality of the singular vectors, `L_o(A) = ||A^T A - I||_F^2 / r^2`, and sparsity of the singular values:
+L1 `||s||_1`, Hoyer `||s||_1 / ||s||_2` and Hoyer-square `||s||_1^2 / ||s||_2^2`. Only live (unmasked) singular
+values count: masked columns are zeroed, their identity entries dropped and `r` is the live rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def _live(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    t = t.float()
+    return t if mask is None else t * mask.to(t.dtype)
+
+
+def gram_deviation(A: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`||A^T A - I||_F^2 / r^2` over the live columns of `A` (d x r)."""
+    A = _live(A, mask)
+    live = A.new_ones(A.shape[1]) if mask is None else mask.to(A.dtype)
+    r = live.sum()
+    if r == 0:
+        return A.new_zeros(())
+    deviation = A.T @ A - torch.diag(live)
+    return deviation.square().sum() / r.square()
+
+
+def orthogonality_loss(U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`L_o(U) + L_o(V)` for one factored layer, in float32."""
+    return gram_deviation(U, mask) + gram_deviation(V, mask)
+
+
+def l1(s: torch.Tensor) -> torch.Tensor:
+    """`||s||_1`."""
+    return s.abs().sum()
+
+
+def hoyer(s: torch.Tensor) -> torch.Tensor:
+    """`||s||_1 / ||s||_2` (0 for an all-zero s)."""
+    norm = s.norm()
+    return s.abs().sum() / norm if norm > 0 else s.new_zeros(())
+
+
+def hoyer_square(s: torch.Tensor) -> torch.Tensor:
+    """`||s||_1^2 / ||s||_2^2` (0 for an all-zero s)."""
+    sq = s.square().sum()
+    return s.abs().sum().square() / sq if sq > 0 else s.new_zeros(())
+
+
+SPARSITY_FUNCTIONS = {"l1": l1, "hoyer": hoyer, "hoyer_square": hoyer_square}
+
+
+def sparsity_loss(s: torch.Tensor, kind: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The `kind` sparsity regularizer of the live singular values `s`, in float32."""
+    if kind not in SPARSITY_FUNCTIONS:
+        raise ValueError(f"Unknown sparsity regularizer {kind!r}; use one of {sorted(SPARSITY_FUNCTIONS)}.")
+    return SPARSITY_FUNCTIONS[kind](_live(s, mask))
+
+
+def regularizer_totals(layers: Iterable[nn.Module], sparsity: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the orthogonality and sparsity terms over factored layers, computed outside any forward pass.
+
+    The trainer collects the terms inside each layer's forward instead (safe under DDP/FSDP); this direct sum is
+    the reference it is tested against and a tool for analysis.
+    """
+    orth, sp = torch.zeros(()), torch.zeros(())
+    for layer in layers:
+        orth = orth.to(layer.s.device) + orthogonality_loss(layer.U, layer.V, layer.mask)
+        if sparsity:
+            sp = sp.to(layer.s.device) + sparsity_loss(layer.s, sparsity, layer.mask)
+    return orth, sp

@@ -1,0 +1,225 @@
+"""`SVDTrainer`: the HF `Trainer` plus the orthogonality and sparsity regularizers of SVD training."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .config import SPARSITY_KINDS, SVDConfig
+from .factorize import CONFIG_KEY, svd_layers
+from .pruning import prune_
+
+logger = logging.getLogger(__name__)
+
+DISABLED = "none"
+
+
+@dataclass
+class SVDTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the SVD-training fields; unset (`None`) fields defer to the model's `SVDConfig`."""
+
+    orth_weight: float | None = field(
+        default=None, metadata={"help": "lambda_o, weight of the orthogonality loss. Unset: the model's SVDConfig."}
+    )
+    sparsity: str | None = field(
+        default=None,
+        metadata={"help": "Sparsity regularizer: 'l1', 'hoyer', 'hoyer_square' or 'none'. Unset: the SVDConfig."},
+    )
+    sparsity_weight: float | None = field(
+        default=None, metadata={"help": "lambda_s, weight of the sparsity regularizer. Unset: the SVDConfig."}
+    )
+    regularizer_interval: int = field(
+        default=1,
+        metadata={"help": "Add the regularizers every k optimizer steps, weighted by k (cheaper, same mean)."},
+    )
+    prune_at_step: int | None = field(
+        default=None,
+        metadata={"help": "Prune at this optimizer step, then fine-tune with the sparsity regularizer off."},
+    )
+    prune_energy: float | None = field(
+        default=None, metadata={"help": "Energy each layer keeps when pruning at prune_at_step, in (0, 1]."}
+    )
+    prune_budget: float | None = field(
+        default=None, metadata={"help": "Global parameter fraction kept when pruning at prune_at_step, in (0, 1)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sparsity is not None and self.sparsity not in (*SPARSITY_KINDS, DISABLED):
+            raise ValueError(f"--sparsity {self.sparsity!r}: use one of {(*SPARSITY_KINDS, DISABLED)}.")
+        for name in ("orth_weight", "sparsity_weight"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name} {value}: must be >= 0 (0 disables the term).")
+        if self.regularizer_interval < 1:
+            raise ValueError(f"--regularizer_interval {self.regularizer_interval}: must be >= 1.")
+        if self.prune_energy is not None and not 0 < self.prune_energy <= 1:
+            raise ValueError(f"--prune_energy {self.prune_energy}: must be in (0, 1], e.g. 0.95.")
+        if self.prune_budget is not None and not 0 < self.prune_budget < 1:
+            raise ValueError(f"--prune_budget {self.prune_budget}: must be in (0, 1), e.g. 0.5.")
+        if self.prune_energy is not None and self.prune_budget is not None:
+            raise ValueError("Set only one of --prune_energy and --prune_budget.")
+        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
+            # Reentrant checkpointing runs the first forward without grad, where no regularizer can be recorded.
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+
+class SVDPruningCallback(TrainerCallback):
+    """Prune singular values (masks only, DDP-safe) at the end of optimizer step `at_step`.
+
+    Args:
+        at_step (`int`): The optimizer step after which to prune.
+        energy (`float`, *optional*): Energy each layer keeps (see `prune_`).
+        budget (`float`, *optional*): Global parameter fraction kept (see `prune_`).
+    """
+
+    def __init__(self, at_step: int, energy: float | None = None, budget: float | None = None) -> None:
+        self.at_step, self.energy, self.budget = at_step, energy, budget
+        self.ranks: dict[str, int] | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at_step and model is not None:
+            self.ranks = prune_(model, energy=self.energy, budget=self.budget)
+            logger.info("Pruned at step %d: ranks %s", state.global_step, self.ranks)
+            control.should_log = True
+        return control
+
+
+class SVDTrainer(Trainer):
+    """`Trainer` that adds `orth_weight * orth + sparsity_weight * sparsity` to the task loss.
+
+    The model must be factored with `svd_factorize_` before the trainer is built. Works with
+    `SVDTrainingArguments` (set fields override the model's `SVDConfig`) or a plain `TrainingArguments`.
+    Each factored layer computes its terms inside its own forward (whole parameters under FSDP/ZeRO-3, no
+    parameter used outside forward under DDP); `compute_loss` sums them, scales them like the task loss under
+    gradient accumulation and several processes, and logs them unweighted as `orth_loss` and `sparsity_loss`.
+
+    Args:
+        svd_config (`SVDConfig`, *optional*): Overrides the config stored on the model by `svd_factorize_`.
+        Other arguments are those of `Trainer`.
+    """
+
+    def __init__(self, *args, svd_config: SVDConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._svd_layers = list(svd_layers(self.model).values())
+        if not self._svd_layers:
+            raise ValueError(
+                "SVDTrainer got a model without SVDLinear layers: call svd_factorize_(model, SVDConfig(...)) "
+                "before building the trainer (and before accelerator.prepare)."
+            )
+        self.svd_config = svd_config or _stored_config(self.model)
+        # A BERT head accepts **kwargs but returns a plain mean loss: the Trainer would then skip the division by
+        # the accumulation steps (and scale by the process count). Treat such a loss as a per-batch mean.
+        self.model_accepts_loss_kwargs = self.model_accepts_loss_kwargs and _loss_uses_num_items(self.model)
+        self._metrics: dict[str, list[torch.Tensor]] = {"orth_loss": [], "sparsity_loss": []}
+        prune_at = getattr(self.args, "prune_at_step", None)
+        if prune_at:
+            energy, budget = self._pruning_target()
+            self.add_callback(SVDPruningCallback(prune_at, energy=energy, budget=budget))
+
+    def regularizer_weights(self) -> tuple[float, str | None, float]:
+        """`(orth_weight, sparsity_kind, sparsity_weight)` in force at the current step."""
+        cfg, args = self.svd_config, self.args
+        orth = _first_set(getattr(args, "orth_weight", None), cfg.orth_weight)
+        kind = _first_set(getattr(args, "sparsity", None), cfg.sparsity)
+        weight = _first_set(getattr(args, "sparsity_weight", None), cfg.sparsity_weight)
+        prune_at = getattr(args, "prune_at_step", None)
+        if kind == DISABLED or not weight or (prune_at and self.state.global_step >= prune_at):
+            kind, weight = None, 0.0
+        return float(orth), kind, float(weight)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        orth_w, kind, sparsity_w = self.regularizer_weights()
+        interval = getattr(self.args, "regularizer_interval", 1)
+        record = model.training and (orth_w or sparsity_w) and self.state.global_step % interval == 0
+        for layer in self._svd_layers:
+            layer.regularizer_terms.clear()
+            layer.orth_enabled = bool(record and orth_w)
+            layer.sparsity_kind = kind if record else None
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if record:
+            orth, sparsity = self._collect_terms()
+            scale = interval * self._regularizer_scale(num_items_in_batch)
+            loss = loss + (scale * (orth_w * orth + sparsity_w * sparsity)).to(loss.dtype)
+            self._metrics["orth_loss"].append(orth.detach())
+            if kind:
+                self._metrics["sparsity_loss"].append(sparsity.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the terms averaged since the last one
+            for key, values in self._metrics.items():
+                if values:
+                    logs[key] = torch.stack(values).mean().item()
+                values.clear()
+            logs["rank_fraction"] = _rank_fraction(self._svd_layers)
+        super().log(logs, start_time)
+
+    def _collect_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        terms = [t for layer in self._svd_layers for t in layer.regularizer_terms]
+        for layer in self._svd_layers:
+            layer.regularizer_terms.clear()
+        if not terms:
+            raise RuntimeError(
+                "No factored layer recorded its regularizer terms in the forward pass. torch.nn.DataParallel and "
+                "reentrant gradient checkpointing are not supported: launch with `accelerate launch` (DDP) and use "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}."
+            )
+        orth = torch.stack([o for o, _ in terms]).sum()
+        sparsity = torch.stack([s for _, s in terms]).sum()
+        return orth, sparsity
+
+    def _regularizer_scale(self, num_items_in_batch) -> float:
+        """1 when `training_step` divides the loss by the accumulation steps, else 1 / steps.
+
+        Mirrors `Trainer.training_step`. DDP averages gradients over processes, so a term added once per process
+        counts once, as in a single-process run.
+        """
+        if self.loss_is_scaled_for_ga is not None:
+            scaled = self.loss_is_scaled_for_ga
+        else:
+            scaled = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        return 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
+
+    def _pruning_target(self) -> tuple[float | None, float | None]:
+        energy, budget = getattr(self.args, "prune_energy", None), getattr(self.args, "prune_budget", None)
+        if energy is None and budget is None:
+            budget = self.svd_config.prune_budget
+            energy = None if budget else self.svd_config.prune_energy
+        return energy, budget
+
+
+def _first_set(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _stored_config(model: nn.Module) -> SVDConfig:
+    config = getattr(model, "svd_config", None)
+    if config is not None:
+        return config
+    stored = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    return SVDConfig.from_dict(stored["config"]) if stored else SVDConfig()
+
+
+def _loss_uses_num_items(model: nn.Module) -> bool:
+    """Whether the model's loss is normalized by `num_items_in_batch` (transformers' `self.loss_function`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "accepts_loss_kwargs"):
+        return bool(base.accepts_loss_kwargs)
+    try:
+        return "loss_function" in inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return True  # cannot tell: keep the Trainer's own decision
+
+
+def _rank_fraction(layers) -> float:
+    """Live singular values over stored ones, across all factored layers."""
+    live = sum(layer.rank for layer in layers)
+    return live / max(1, sum(layer.full_rank for layer in layers))
