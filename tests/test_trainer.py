@@ -1,0 +1,252 @@
+"""SVDTrainer: regularizers in compute_loss, their scaling, logging, pruning during training, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    HfArgumentParser,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from hf_svd_compress import (
+    SVDConfig,
+    SVDTrainer,
+    SVDTrainingArguments,
+    current_ranks,
+    svd_factorize_,
+)
+from hf_svd_compress.regularizers import regularizer_totals
+
+SCRIPT = Path(__file__).parent / "scripts" / "one_sgd_step.py"
+
+
+def tiny_model(config: SVDConfig | None = None, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    bert = BertForSequenceClassification(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=100,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
+    return svd_factorize_(bert, config or SVDConfig(sparsity_weight=0.01))
+
+
+def tiny_data(n: int = 32) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (n, 10), generator=g)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
+
+
+def args(tmp_path, **kw) -> SVDTrainingArguments:
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return SVDTrainingArguments(**{**base, **kw})
+
+
+# ---- scaling under gradient accumulation and several processes --------------------------------------------------
+
+
+def run_step(out: Path, per_device_batch: int, grad_accum: int = 1, processes: int = 1, *extra: str) -> dict:
+    cmd = [str(SCRIPT), "--per_device_batch", str(per_device_batch), "--grad_accum", str(grad_accum)]
+    cmd += ["--out", str(out), *extra]
+    if processes > 1:
+        launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+        launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd = [sys.executable, *launch, *cmd]
+    else:
+        cmd = [sys.executable, *cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(out / "update.safetensors")
+
+
+def max_relative_diff(a: dict, b: dict) -> float:
+    scale = max(t.abs().max().item() for t in b.values())
+    return max((a[k] - b[k]).abs().max().item() for k in b) / scale
+
+
+@pytest.fixture(scope="module")
+def reference_update(tmp_path_factory):
+    """Single process, no accumulation, batch 8: the update every other configuration must reproduce."""
+    return run_step(tmp_path_factory.mktemp("ref"), per_device_batch=8)
+
+
+def test_regularizers_move_the_reference_step(reference_update, tmp_path):
+    # Guard against a vacuous comparison: the regularizers must change the step by far more than the tolerance.
+    task_only = run_step(tmp_path, 8, 1, 1, "--no_regularizers")
+    assert max_relative_diff(task_only, reference_update) > 0.1
+
+
+def test_gradient_accumulation_matches_reference(reference_update, tmp_path):
+    update = run_step(tmp_path, per_device_batch=4, grad_accum=2)
+    assert max_relative_diff(update, reference_update) < 1e-4
+
+
+@pytest.mark.distributed
+def test_two_processes_match_reference(reference_update, tmp_path):
+    update = run_step(tmp_path, per_device_batch=4, processes=2)
+    assert max_relative_diff(update, reference_update) < 1e-4
+
+
+@pytest.mark.distributed
+def test_two_processes_with_accumulation_match_reference(reference_update, tmp_path):
+    update = run_step(tmp_path, per_device_batch=2, grad_accum=2, processes=2)
+    assert max_relative_diff(update, reference_update) < 1e-4
+
+
+# ---- weights, arguments, logging -------------------------------------------------------------------------------
+
+
+def test_logs_unweighted_terms_next_to_loss(tmp_path):
+    model = tiny_model()
+    trainer = SVDTrainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=tiny_data())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert {"orth_loss", "sparsity_loss", "rank_fraction"} <= set(entry)
+    # The first step's logged terms are those of the initial weights.
+    assert logs[0]["sparsity_loss"] > 1.0
+
+
+def test_loss_is_task_loss_plus_weighted_terms(tmp_path):
+    model = tiny_model(SVDConfig(orth_weight=3.0, sparsity="l1", sparsity_weight=0.2))
+    trainer = SVDTrainer(model=model, args=args(tmp_path), train_dataset=tiny_data())
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    task = model(**batch).loss
+    orth, l1 = regularizer_totals(trainer._svd_layers, "l1")
+    torch.testing.assert_close(loss, task + 3.0 * orth + 0.2 * l1, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_loss_has_no_regularizer(tmp_path):
+    model = tiny_model(SVDConfig(sparsity="l1", sparsity_weight=1.0))
+    eval_args = args(tmp_path, per_device_eval_batch_size=16)
+    trainer = SVDTrainer(model=model, args=eval_args, train_dataset=tiny_data(), eval_dataset=tiny_data(16))
+    metrics = trainer.evaluate()
+    model.eval()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
+    with torch.no_grad():
+        assert metrics["eval_loss"] == pytest.approx(model(**batch).loss.item(), rel=1e-4)
+
+
+def test_plain_training_arguments_use_model_config(tmp_path):
+    model = tiny_model(SVDConfig(orth_weight=0.7, sparsity="hoyer_square", sparsity_weight=0.03))
+    plain = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    trainer = SVDTrainer(model=model, args=plain, train_dataset=tiny_data())
+    assert trainer.regularizer_weights() == (0.7, "hoyer_square", 0.03)
+    trainer.train()
+    assert "sparsity_loss" in trainer.state.log_history[0] or trainer.state.global_step == 1
+
+
+def test_set_arguments_override_and_unset_defer(tmp_path):
+    model = tiny_model(SVDConfig(orth_weight=0.7, sparsity="hoyer", sparsity_weight=0.03))
+    trainer = SVDTrainer(model=model, args=args(tmp_path, sparsity_weight=0.5), train_dataset=tiny_data())
+    assert trainer.regularizer_weights() == (0.7, "hoyer", 0.5)
+    trainer = SVDTrainer(model=model, args=args(tmp_path, sparsity="none"), train_dataset=tiny_data())
+    assert trainer.regularizer_weights() == (0.7, None, 0.0)
+
+
+def test_hf_argument_parser_exposes_fields():
+    (parsed,) = HfArgumentParser(SVDTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", "x", "--orth_weight", "2", "--sparsity", "l1"]
+        + ["--prune_at_step", "3", "--prune_budget", "0.5"]
+    )
+    assert (parsed.orth_weight, parsed.sparsity, parsed.prune_at_step, parsed.prune_budget) == (2.0, "l1", 3, 0.5)
+    assert parsed.sparsity_weight is None
+
+
+@pytest.mark.parametrize(
+    "bad", [{"sparsity": "l2"}, {"orth_weight": -1.0}, {"prune_energy": 1.5}, {"prune_budget": 1.0}]
+)
+def test_bad_arguments_are_refused(tmp_path, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        args(tmp_path, **bad)
+
+
+def test_unfactored_model_is_refused(tmp_path):
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+    with pytest.raises(ValueError, match="svd_factorize_"):
+        SVDTrainer(model=model, args=args(tmp_path), train_dataset=tiny_data())
+
+
+# ---- pruning during training, checkpoints, gradient checkpointing -------------------------------------------------
+
+
+def test_prune_at_step_then_fine_tune_without_sparsity(tmp_path):
+    model = tiny_model(SVDConfig(sparsity="hoyer", sparsity_weight=0.05))
+    training_args = args(tmp_path, max_steps=6, prune_at_step=3, prune_energy=0.8)
+    trainer = SVDTrainer(model=model, args=training_args, train_dataset=tiny_data())
+    trainer.train()
+    ranks = current_ranks(model)
+    assert all(rank < model.get_submodule(name).full_rank for name, rank in ranks.items())
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all("sparsity_loss" in entry for entry in logs if entry["step"] <= 3)
+    assert all("sparsity_loss" not in entry for entry in logs if entry["step"] > 3)
+    assert logs[-1]["rank_fraction"] < 1.0
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+        return control
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    common = dict(max_steps=6, prune_at_step=2, prune_energy=0.8, save_strategy="steps", save_steps=3)
+    full = tiny_model()
+    SVDTrainer(model=full, args=args(tmp_path / "a", **common), train_dataset=tiny_data()).train()
+
+    interrupted = tiny_model()
+    first = SVDTrainer(model=interrupted, args=args(tmp_path / "b", **common), train_dataset=tiny_data())
+    first.add_callback(StopAfter(3))  # a crash after the step-3 checkpoint, same schedule as the full run
+    first.train()
+    resumed = tiny_model()  # a fresh factored model: masks and factors come from the checkpoint
+    trainer = SVDTrainer(model=resumed, args=args(tmp_path / "b", **common), train_dataset=tiny_data())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    assert current_ranks(resumed) == current_ranks(full)
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_gradient_checkpointing_does_not_count_terms_twice(tmp_path):
+    losses = []
+    for checkpointing in (False, True):
+        model = tiny_model(SVDConfig(sparsity="l1", sparsity_weight=0.1))
+        training_args = args(tmp_path, max_steps=1, gradient_checkpointing=checkpointing)
+        trainer = SVDTrainer(model=model, args=training_args, train_dataset=tiny_data())
+        trainer.train()
+        losses.append(trainer.state.log_history[0]["loss"])
+        assert trainer.state.log_history[0]["sparsity_loss"] == pytest.approx(
+            regularizer_totals(trainer._svd_layers, "l1")[1].item(), rel=0.05
+        )
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
