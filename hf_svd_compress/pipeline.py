@@ -1,0 +1,225 @@
+"""The whole compression pipeline: dense fine-tune, factor, train with regularizers, prune, fine-tune, export.
+
+Shared by the `hf-svd-compress compress` command and the recipes; the task-specific part (model, data, collator,
+metrics) comes in as a `TaskSetup`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .config import SVDConfig
+from .export import save_compressed
+from .factorize import svd_factorize_, svd_layers
+from .pruning import prune_, truncate_
+from .trainer import SVDTrainer, SVDTrainingArguments
+
+SUMMARY_FILE = "compression_summary.json"
+
+
+@dataclass
+class PipelineArguments:
+    """Stages of the pipeline and what to factor; the training settings come from `SVDTrainingArguments`."""
+
+    dense_steps: int = field(default=0, metadata={"help": "Dense fine-tuning steps before factoring (0 skips)."})
+    svd_steps: int = field(default=100, metadata={"help": "Steps of SVD training with the regularizers."})
+    finetune_steps: int = field(default=50, metadata={"help": "Fine-tuning steps after pruning (sparsity off)."})
+    target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names (exact or .suffix), 're:<regex>' for a full-name regex, or "
+            "'all-linear'. Unset: the default for the model type."
+        },
+    )
+    export_dir: str | None = field(
+        default=None, metadata={"help": "Where the compressed model is written. Default: <output_dir>/compressed."}
+    )
+    overwrite_export: bool = field(
+        default=False, metadata={"help": "Replace a model already in export_dir (refused otherwise)."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("dense_steps", "svd_steps", "finetune_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} {getattr(self, name)}: must be >= 0.")
+
+    def svd_config(self, args: SVDTrainingArguments) -> SVDConfig:
+        """The `SVDConfig` for these targets and the regularizer/pruning settings in `args`."""
+        targets: list[str] | str | None = self.target_modules
+        if targets and targets.startswith("re:"):
+            targets = targets[3:]
+        elif targets and targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        settings = {
+            "orth_weight": args.orth_weight,
+            "sparsity": None if args.sparsity == "none" else args.sparsity,
+            "sparsity_weight": args.sparsity_weight,
+            "prune_energy": args.prune_energy,
+            "prune_budget": args.prune_budget,
+        }
+        defaults = dataclasses.asdict(SVDConfig())
+        return SVDConfig(
+            target_modules=targets,
+            **{k: (defaults[k] if v is None and k != "sparsity" else v) for k, v in settings.items()},
+        )
+
+
+@dataclass
+class TaskSetup:
+    """What a task hands to the pipeline: a model (dense), data, and how to batch and score it."""
+
+    model: torch.nn.Module
+    train_dataset: Any
+    eval_dataset: Any
+    test_dataset: Any = None
+    data_collator: Any = None
+    processing_class: Any = None
+    compute_metrics: Any = None
+    task: str = "classification"
+    base_model: str = ""
+
+
+def stage(message: str, args: TrainingArguments) -> None:
+    """One short progress line per stage, printed by the main process only."""
+    if args.process_index == 0:
+        print(f"[hf-svd-compress] {message}", flush=True)
+
+
+def check_export_dir(pipeline_args: PipelineArguments, args: TrainingArguments) -> Path:
+    """Refuse, before any training, an export folder that already holds a model (unless overwriting)."""
+    export_dir = Path(pipeline_args.export_dir or Path(args.output_dir) / "compressed")
+    holds_model = export_dir.is_dir() and any(
+        (export_dir / name).exists() for name in ("config.json", "model.safetensors", "pytorch_model.bin")
+    )
+    if holds_model and not pipeline_args.overwrite_export:
+        raise FileExistsError(
+            f"{export_dir} already holds a model. Choose another --export_dir (or --output_dir), or pass "
+            "--overwrite_export to replace it."
+        )
+    return export_dir
+
+
+def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> dict:
+    """Run every stage and export; returns (and writes next to the export) a summary of what happened."""
+    export_dir = check_export_dir(pipeline_args, args)
+    config = pipeline_args.svd_config(args)
+    model, summary = setup.model, {"accuracy": {}, "base_model": setup.base_model, "task": setup.task}
+    start = time.perf_counter()
+
+    if pipeline_args.dense_steps:
+        stage(f"1/5 dense fine-tuning for {pipeline_args.dense_steps} steps", args)
+        _train(Trainer, setup, _stage_args(args, pipeline_args.dense_steps, "dense"))
+    summary["accuracy"]["dense"] = _evaluate(Trainer, setup, args)
+    summary["parameters_dense"] = sum(p.numel() for p in model.parameters())
+
+    stage("2/5 factoring the target layers (full-rank SVD)", args)
+    svd_factorize_(model, config)
+    summary["spectra_initial"] = _spectra(model)
+
+    stage(f"3/5 SVD training with regularizers for {pipeline_args.svd_steps} steps", args)
+    _train(SVDTrainer, setup, _stage_args(args, pipeline_args.svd_steps, "svd"))
+    summary["spectra_trained"] = _spectra(model)
+    _save_factored(setup, Path(args.output_dir) / "factored", args)
+    summary["accuracy"]["factored"] = _evaluate(SVDTrainer, setup, args)
+
+    how = {"method": "budget", "budget": config.prune_budget} if config.prune_budget else None
+    how = how or {"method": "energy", "energy": config.prune_energy}
+    stage(f"4/5 pruning singular values ({how}) and fine-tuning {pipeline_args.finetune_steps} steps", args)
+    prune_(model, energy=how.get("energy"), budget=how.get("budget"))
+    summary["ranks"] = truncate_(model)
+    summary["accuracy"]["pruned"] = _evaluate(SVDTrainer, setup, args)
+    if pipeline_args.finetune_steps:
+        ft_args = _stage_args(args, pipeline_args.finetune_steps, "finetune", sparsity="none")
+        _train(SVDTrainer, setup, ft_args)
+    summary["accuracy"]["compressed"] = _evaluate(SVDTrainer, setup, args)
+    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+
+    stage(f"5/5 exporting to {export_dir}", args)
+    if args.process_index == 0:
+        save_compressed(
+            model,
+            export_dir,
+            processing_class=setup.processing_class,
+            rank_selection=how,
+            training_settings=_training_settings(pipeline_args, args),
+            overwrite=pipeline_args.overwrite_export,
+        )
+        (export_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        _print_result(summary, export_dir)
+    return summary
+
+
+def _save_factored(setup: TaskSetup, folder: Path, args: TrainingArguments) -> None:
+    """The regularized, unpruned model, for `hf-svd-compress prune` to re-prune at another energy or budget."""
+    if args.process_index == 0:
+        setup.model.save_pretrained(folder)
+        if setup.processing_class is not None:
+            setup.processing_class.save_pretrained(folder)
+
+
+def _stage_args(args: SVDTrainingArguments, steps: int, name: str, **overrides) -> SVDTrainingArguments:
+    """A copy of the user's arguments for one stage: its own step count and output subfolder."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    # The pipeline prunes between stages itself, so no stage prunes during training.
+    values.update(max_steps=steps, output_dir=str(Path(args.output_dir) / name), prune_at_step=None, **overrides)
+    return type(args)(**values)
+
+
+def _train(trainer_cls, setup: TaskSetup, args: TrainingArguments) -> None:
+    trainer = _trainer(trainer_cls, setup, args)
+    trainer.train()
+
+
+def _trainer(trainer_cls, setup: TaskSetup, args: TrainingArguments) -> Trainer:
+    return trainer_cls(
+        model=setup.model,
+        args=args,
+        train_dataset=setup.train_dataset,
+        eval_dataset=setup.eval_dataset,
+        data_collator=setup.data_collator,
+        processing_class=setup.processing_class,
+        compute_metrics=setup.compute_metrics,
+    )
+
+
+def _evaluate(trainer_cls, setup: TaskSetup, args: TrainingArguments) -> dict[str, float]:
+    """Validation (and test, if given) metrics of the model as it is now."""
+    trainer = _trainer(trainer_cls, setup, args)
+    results = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items() if "accuracy" in k or "f1" in k}
+    if setup.test_dataset is not None:
+        test = trainer.evaluate(setup.test_dataset, metric_key_prefix="test")
+        results.update({k: v for k, v in test.items() if "accuracy" in k or "f1" in k})
+    return results
+
+
+def _spectra(model: torch.nn.Module) -> dict[str, list[float]]:
+    layers = svd_layers(model).items()
+    return {name: layer.s.detach().float().abs().sort(descending=True).values.tolist() for name, layer in layers}
+
+
+def _training_settings(pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> dict[str, Any]:
+    keys = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "orth_weight")
+    keys += ("sparsity", "sparsity_weight", "seed")
+    return {**dataclasses.asdict(pipeline_args), **{k: getattr(args, k) for k in keys}}
+
+
+def _print_result(summary: dict, export_dir: Path) -> None:
+    acc = summary["accuracy"]
+    line = ", ".join(f"{stage}: {m.get('accuracy', float('nan')):.4f}" for stage, m in acc.items())
+    print(f"[hf-svd-compress] validation accuracy - {line}")
+    if "test_accuracy" in acc["compressed"]:
+        print(
+            f"[hf-svd-compress] test accuracy - dense {acc['dense']['test_accuracy']:.4f}, "
+            f"compressed {acc['compressed']['test_accuracy']:.4f}"
+        )
+    ranks = summary["ranks"]
+    mean_rank = sum(ranks.values()) / max(1, len(ranks))
+    print(f"[hf-svd-compress] {len(ranks)} factored layers, mean rank {mean_rank:.1f}; wrote {export_dir}")

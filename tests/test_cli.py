@@ -1,0 +1,119 @@
+"""The `hf-svd-compress` command end to end on a tiny configuration, and its refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_svd_compress import load_compressed
+from hf_svd_compress.cli import main
+
+CLI = [sys.executable, "-m", "hf_svd_compress.cli"]
+FAST = ["--dense_steps", "2", "--svd_steps", "3", "--finetune_steps", "2", "--per_device_train_batch_size", "4"]
+FAST += ["--max_length", "16", "--logging_steps", "1", "--use_cpu", "--disable_tqdm", "true"]
+
+
+def run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def compressed_run(tiny_text_model, tiny_text_csv, tmp_path_factory):
+    """One real `compress` run: tiny BERT, tiny csv, a few steps per stage."""
+    out = tmp_path_factory.mktemp("run")
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv)]
+    result = run([*args, "--output_dir", str(out), "--prune_energy", "0.8", *FAST], cwd=out)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return out, result
+
+
+def test_compress_runs_every_stage_and_exports(compressed_run):
+    out, result = compressed_run
+    for stage in ("2/5", "3/5", "4/5", "5/5"):
+        assert f"[hf-svd-compress] {stage}" in result.stdout
+    export = out / "compressed"
+    assert (export / "model.safetensors").is_file() and (export / "README.md").is_file()
+    summary = json.loads((export / "compression_summary.json").read_text())
+    assert set(summary["accuracy"]) == {"dense", "factored", "pruned", "compressed"}
+    config = json.loads((export / "config.json").read_text())
+    ranks = config["svd_compression"]["ranks"]
+    assert ranks and all(r < 32 for r in ranks.values())
+    model = load_compressed(export)
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[2, 5, 9]])).logits.shape == (1, 3)
+
+
+def test_prune_reprunes_the_factored_checkpoint(compressed_run):
+    out, _ = compressed_run
+    target = out / "reprune"
+    result = run(["prune", str(out / "factored"), "--budget", "0.3", "--output_dir", str(target)], cwd=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((target / "config.json").read_text())["svd_compression"]
+    assert meta["rank_selection"] == {"method": "budget", "budget": 0.3}
+    kept = sum(r * sum(meta["shapes"][n]) for n, r in meta["ranks"].items() if n not in meta["dense_modules"])
+    kept += sum(meta["shapes"][n][0] * meta["shapes"][n][1] for n in meta["dense_modules"])
+    total = sum(m * n for m, n in meta["shapes"].values())
+    assert kept <= 0.3 * total
+
+
+def test_report_writes_summary_and_plots(compressed_run):
+    out, _ = compressed_run
+    main(["report", str(out / "compressed"), "--output_dir", str(out / "report")])
+    assert {"report.md", "report.json", "ranks.png", "spectra.png"} <= {p.name for p in (out / "report").iterdir()}
+
+
+def test_config_file_supplies_options_and_flags_override(tiny_text_model, tiny_text_csv, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: {tiny_text_model}\ndataset: {tiny_text_csv}\nprune_energy: 2.0\n")
+    result = run(["compress", "--config", str(config), "--output_dir", str(tmp_path / "o")], cwd=tmp_path)
+    assert result.returncode != 0 and "prune_energy" in result.stderr  # the YAML value is validated
+    config.write_text("no_such_option: 1\n")
+    result = run(["compress", "--config", str(config)], cwd=tmp_path)
+    assert result.returncode != 0 and "no_such_option" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model_name_or_path", "./no/such/folder"], "does not exist"),
+        (["--text_column", "body"], "body"),
+        (["--prune_energy", "1.5"], "prune_energy"),
+        (["--prune_budget", "1.0"], "prune_budget"),
+    ],
+)
+def test_bad_input_fails_before_training(tiny_text_model, tiny_text_csv, tmp_path, extra, message):
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
+    result = run([*args, "--output_dir", str(tmp_path / "o"), *extra], cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "[hf-svd-compress] 1/5" not in result.stdout and "2/5" not in result.stdout
+    assert not (tmp_path / "o" / "compressed").exists()
+
+
+def test_export_folder_holding_a_model_is_refused(compressed_run, tiny_text_model, tiny_text_csv, tmp_path):
+    out, _ = compressed_run
+    before = (out / "compressed" / "model.safetensors").read_bytes()
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
+    result = run([*args, "--output_dir", str(out)], cwd=tmp_path)
+    assert result.returncode != 0 and "--overwrite_export" in result.stderr
+    assert (out / "compressed" / "model.safetensors").read_bytes() == before
+
+
+def test_prune_refuses_bad_values(compressed_run):
+    out, _ = compressed_run
+    for flag, value in (("--energy", "0"), ("--budget", "1.5")):
+        result = run(["prune", str(out / "factored"), flag, value, "--output_dir", str(out / "x")], cwd=out)
+        assert result.returncode != 0 and flag in result.stderr
+        assert not (out / "x").exists()
+
+
+def test_unknown_command_lists_the_commands(capsys):
+    with pytest.raises(SystemExit, match="compress"):
+        main(["compres"])
