@@ -1,7 +1,17 @@
 """hf_svd_compress: compress Hugging Face Transformers models by SVD training."""
 
 from .config import DEFAULT_TARGET_MODULES, SVDConfig
+from .export import (
+    CompressedFormatError,
+    load_compressed,
+    load_factored_checkpoint,
+    lowrank_to_svd_,
+    merge_to_dense_,
+    save_compressed,
+    svd_to_lowrank_,
+)
 from .factorize import svd_factorize_, svd_layers
+from .hub import push_compressed_to_hub
 from .layers import SVDLinear
 from .matching import NoTargetModulesError
 from .pruning import current_ranks, prune_, truncate_, worth_factoring
@@ -11,6 +21,14 @@ from .trainer import SVDPruningCallback, SVDTrainer, SVDTrainingArguments
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressedFormatError",
+    "load_compressed",
+    "load_factored_checkpoint",
+    "lowrank_to_svd_",
+    "merge_to_dense_",
+    "push_compressed_to_hub",
+    "save_compressed",
+    "svd_to_lowrank_",
     "DEFAULT_TARGET_MODULES",
     "NoTargetModulesError",
     "SVDConfig",

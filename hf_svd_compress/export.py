@@ -1,0 +1,639 @@
+"""The Hub format of a compressed model: `save_compressed`, `load_compressed`, dense merge and factored checkpoints.
+
+On disk (format version 1), a factored module `name` of rank `r` is two linear layers, `{name}.down.weight =
+(V diag(s))^T` [r, in] and `{name}.up.weight = U` [out, r] with `{name}.up.bias` the bias; a module whose rank saves
+no parameters keeps its dense `{name}.weight` (Conv1D layout for GPT-2 style layers). `config.json` is the base
+config with its own `model_type`, an `auto_map` to the generated modeling file, and the `svd_compression` metadata.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from huggingface_hub import snapshot_download
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
+from transformers.models.auto import modeling_auto
+from transformers.pytorch_utils import Conv1D
+
+from .config import SVDConfig
+from .factorize import CONFIG_KEY, _record_on_config, _replace, svd_layers
+from .hub import push_compressed_to_hub
+from .layers import SVDLinear, dense_weight
+from .model_card import render_model_card
+from .pruning import worth_factoring
+from .templates.modeling_svd_compressed import LowRankLinear
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CompressedFormatError",
+    "load_compressed",
+    "load_factored_checkpoint",
+    "lowrank_to_svd_",
+    "merge_to_dense_",
+    "push_compressed_to_hub",
+    "save_compressed",
+    "svd_to_lowrank_",
+]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "svd_compression"
+MODEL_TYPE_PREFIX = "svd_compressed_"
+WEIGHTS_NAME = "model.safetensors"
+MODELING_FILE = "modeling_svd_compressed.py"
+_MODEL_FILE_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.gguf", "*.onnx")
+_HUB_KWARGS = {"private", "token", "commit_message", "revision", "create_pr", "api"}
+_REQUIRED_METADATA = ("ranks", "shapes", "base_architecture", "base_config_class", "base_model_type")
+
+
+class CompressedFormatError(ValueError):
+    """A folder that is not a loadable compressed model: metadata missing, unknown or not matching the tensors."""
+
+
+def save_compressed(
+    model: PreTrainedModel,
+    save_directory: str | os.PathLike,
+    *,
+    rank_selection: dict[str, Any] | None = None,
+    training_settings: dict[str, Any] | None = None,
+    processing_class: Any | None = None,
+    base_model: str | None = None,
+    dense: bool = False,
+    overwrite: bool = False,
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    **hub_kwargs: Any,
+) -> Path:
+    """Write a factored model in the Hub format (truncated factors, remote code, model card); the model is untouched.
+
+    Args:
+        model (`PreTrainedModel`): A transformers model with `SVDLinear` layers (masked values are dropped).
+        save_directory (`str` or `os.PathLike`): The folder to write, built in a temporary sibling then moved.
+        rank_selection (`dict`, *optional*): How the ranks were chosen, e.g. `{"method": "energy", "energy": 0.95}`.
+        training_settings (`dict`, *optional*): Settings that produced the model, shown in the model card.
+        processing_class (*optional*): Tokenizer or image processor; its `save_pretrained` writes into the folder.
+        base_model (`str`, *optional*): Hub id of the model before compression (default: `config.name_or_path`).
+        dense (`bool`, defaults to `False`): Write a plain dense checkpoint of the base architecture instead.
+        overwrite (`bool`, defaults to `False`): Replace a folder that already holds a model (once the new one is
+            complete); without it such a folder raises `FileExistsError` before anything is written.
+        push_to_hub (`bool`, defaults to `False`): Then upload the folder with `push_compressed_to_hub`.
+        repo_id (`str`, *optional*): Repository to push to (default: the folder name).
+        hub_kwargs: `private`, `token`, `commit_message`, `revision`, `create_pr`, `api` of `push_compressed_to_hub`.
+
+    Returns:
+        `Path` of the written folder.
+    """
+    target = Path(save_directory)
+    unknown = sorted(set(hub_kwargs) - _HUB_KWARGS)
+    if unknown:
+        raise TypeError(f"save_compressed got unexpected arguments {unknown}; hub ones: {sorted(_HUB_KWARGS)}.")
+    _check_target(target, overwrite)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"save_compressed needs a transformers PreTrainedModel, got {type(model).__name__} (merge a peft model "
+            "with merge_and_unload() first)."
+        )
+    layers = factored_layers(model)
+    if not layers and not dense:
+        raise ValueError("The model has no SVDLinear layer: factor it with svd_factorize_ first, or pass dense=True.")
+    arch, meta = _base_class(type(model)), _metadata(model, layers, rank_selection)
+    types = _original_types(model, list(layers))
+    tensors = _export_tensors(model, layers, meta, types, dense)
+    with _staging(target) as tmp:
+        _write_weights(tmp / WEIGHTS_NAME, tensors, dense)
+        _write_json(tmp / "config.json", _export_config(model, arch, None if dense else meta))
+        if not dense:
+            (tmp / MODELING_FILE).write_text(_modeling_source(meta))
+        if model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        if processing_class is not None:
+            processing_class.save_pretrained(tmp)
+        card = render_model_card(
+            meta, tensors, tmp / WEIGHTS_NAME, model, dense, base_model, training_settings, repo_id or target.name
+        )
+        (tmp / "README.md").write_text(card)
+    logger.info("Wrote %s (%d factored layers, dense=%s).", target, len(layers), dense)
+    if push_to_hub:
+        push_compressed_to_hub(target, repo_id or target.name, **hub_kwargs)
+    return target
+
+
+def load_compressed(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    device: torch.device | str | None = None,
+) -> PreTrainedModel:
+    """Rebuild a model written by `save_compressed` with `SVDLinear` layers (ready for `SVDTrainer` or re-export).
+
+    Args:
+        path_or_repo_id (`str` or `os.PathLike`): A local folder or a Hub repository id.
+        revision, token, cache_dir, local_files_only: Passed to `huggingface_hub.snapshot_download` for a repo id.
+        device (`torch.device` or `str`, *optional*): Where to put the model (default: CPU).
+
+    Returns:
+        The base architecture (e.g. `BertForSequenceClassification`) in eval mode, each saved module an `SVDLinear`
+        of its saved rank; its config carries `svd_training` like a model factored by `svd_factorize_`.
+
+    Raises:
+        `CompressedFormatError`: missing or unknown `svd_compression` metadata, tensors not matching it (the message
+        names the module), or an unreadable weights file (the message names the file).
+    """
+    folder = _resolve_folder(path_or_repo_id, revision, token, cache_dir, local_files_only)
+    config_dict = _read_json(folder / "config.json")
+    meta = _check_metadata(config_dict, folder)
+    tensors = _read_weights(folder)
+    _check_tensors(meta, tensors, folder / WEIGHTS_NAME)
+    arch = _transformers_class(meta["base_architecture"])
+    config = _transformers_class(meta["base_config_class"]).from_dict(_base_config_dict(config_dict, meta))
+    model = arch._from_config(config, dtype=_tensor_dtype(tensors))
+    dense = set(meta.get("dense_modules", []))
+    low_rank = {n: int(r) for n, r in meta["ranks"].items() if n not in dense}
+    for name, rank in low_rank.items():
+        out_features, in_features = meta["shapes"][name]
+        bias = f"{name}.up.bias" in tensors
+        _replace(model, name, SVDLinear(in_features, out_features, rank, bias, dtype=_tensor_dtype(tensors)))
+    _load_strict(model, _svd_state_dict(tensors, low_rank), folder)
+    for name in dense:  # stored dense: refactor at the saved rank (the weight has that rank)
+        _replace(model, name, SVDLinear.from_linear(model.get_submodule(name), max_rank=int(meta["ranks"][name])))
+    svd_config = meta.get("svd_config")
+    _attach_svd_config(model, SVDConfig.from_dict(svd_config) if svd_config else SVDConfig(sorted(meta["ranks"])))
+    return model.to(device).eval() if device is not None else model.eval()
+
+
+def load_factored_checkpoint(path: str | os.PathLike, device: torch.device | str | None = None) -> PreTrainedModel:
+    """Rebuild a model saved by `save_pretrained` (or a `Trainer` checkpoint) while factored, masks included.
+
+    The config carries `svd_training = {"config": SVDConfig.to_dict(), "ranks": {name: stored_rank}}`, written by
+    `svd_factorize_`; the weights hold each module's `U`, `s`, `V`, `bias` and `mask`. Use it to prune again
+    (`prune_`) or export (`save_compressed`) without training.
+    """
+    folder = Path(path)
+    config_dict = _read_json(folder / "config.json")
+    stored = config_dict.get(CONFIG_KEY)
+    if not isinstance(stored, dict) or "ranks" not in stored:
+        raise CompressedFormatError(
+            f"{folder / 'config.json'} has no `{CONFIG_KEY}` entry: it was not saved while factored. Load a dense "
+            "model with AutoModelFor...from_pretrained and factor it with svd_factorize_, or a save_compressed "
+            "folder with load_compressed."
+        )
+    config = transformers.AutoConfig.from_pretrained(folder)
+    arch = _transformers_class((config.architectures or [""])[0])
+    tensors = _read_weights(folder)
+    model = arch._from_config(config, dtype=_tensor_dtype(tensors))
+    modules = dict(model.named_modules())
+    for name in stored["ranks"]:
+        if name not in modules or f"{name}.s" not in tensors:
+            raise CompressedFormatError(
+                f"{folder}: module {name!r} of svd_training is missing from the model or file."
+            )
+        out_features, in_features = dense_weight(modules[name]).shape
+        rank = tensors[f"{name}.s"].shape[0]  # the file's, in case the layer was truncated after factoring
+        layer = SVDLinear(in_features, out_features, rank, modules[name].bias is not None, dtype=model.dtype)
+        _replace(model, name, layer)
+    _load_strict(model, tensors, folder)
+    model.svd_config = SVDConfig.from_dict(stored["config"])
+    return model.to(device) if device is not None else model
+
+
+@torch.no_grad()
+def merge_to_dense_(model: nn.Module) -> nn.Module:
+    """Merge every `SVDLinear` back into a dense layer of its original type (`nn.Linear` or `Conv1D`), in place.
+
+    Masked singular values are dropped. Removes `config.svd_training` and `model.svd_config`, so `save_pretrained`
+    then writes a plain checkpoint of the base architecture. Returns the model.
+    """
+    layers = svd_layers(model)
+    types = _original_types(model, list(layers))
+    for name, layer in layers.items():
+        _replace(model, name, _dense_layer(layer, types[name]))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
+    if hasattr(model, "svd_config"):
+        del model.svd_config
+    return model
+
+
+def svd_to_lowrank_(model: nn.Module) -> nn.Module:
+    """Swap every `SVDLinear` for a `LowRankLinear` (`up(down(x))`, the exported layout), in place; returns the model.
+
+    peft has no LoRA layer for `SVDLinear`; on `LowRankLinear`, `LoraConfig(target_modules=["down", "up"])` works.
+    After `merge_and_unload()`, `lowrank_to_svd_` turns the merged layers back into `SVDLinear`.
+    """
+    for name, layer in svd_layers(model).items():
+        U, s, V = (t.detach().to(_work_dtype(t)) for t in layer.live_factors())
+        low_rank = LowRankLinear(layer.in_features, layer.out_features, s.shape[0], layer.bias is not None)
+        low_rank.to(device=layer.U.device, dtype=layer.U.dtype)
+        low_rank.down.weight.data.copy_((V * s).T)
+        low_rank.up.weight.data.copy_(U)
+        if layer.bias is not None:
+            low_rank.up.bias.data.copy_(layer.bias)
+        _replace(model, name, low_rank)
+    return model
+
+
+def lowrank_to_svd_(model: nn.Module) -> nn.Module:
+    """Swap every `LowRankLinear` (ours or remote code's) for an `SVDLinear` with orthonormal `U`, `V`, in place.
+
+    Exact up to float error, also after LoRA merged into `down`/`up`; records `svd_training` on the config so
+    `SVDTrainer` and `save_compressed` accept the model. Returns the model.
+    """
+    converted = [name for name, module in model.named_modules() if _is_low_rank(module)]
+    for name, layer in factored_layers(model).items():
+        if name in converted:
+            _replace(model, name, layer)
+    if converted:
+        _attach_svd_config(model, _stored_svd_config(model))
+    return model
+
+
+def factored_layers(model: nn.Module) -> dict[str, SVDLinear]:
+    """The model's `SVDLinear`s, plus its `LowRankLinear`s (remote code, peft-merged) as new `SVDLinear`s."""
+    layers: dict[str, SVDLinear] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SVDLinear):
+            layers[name] = module
+        elif _is_low_rank(module):
+            layers[name] = svd_from_low_rank(module.down.weight, module.up.weight, module.up.bias, orthonormal=True)
+    return layers
+
+
+def svd_from_low_rank(
+    down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, orthonormal: bool = False
+) -> SVDLinear:
+    """An `SVDLinear` computing `up @ down` (+ bias) at rank `r`, from `down` [r, in] and `up` [out, r].
+
+    Without `orthonormal`, the exported layout is inverted as saved (`U = up`, `s` = row norms of `down`); with it,
+    a QR of each factor and an r x r SVD give orthonormal `U`, `V` (needed after LoRA merged into the factors).
+    """
+    work = torch.float64 if down.dtype == torch.float64 else torch.float32
+    d, u = down.detach().to(work), up.detach().to(work)
+    if orthonormal:
+        q_u, r_u = torch.linalg.qr(u)
+        q_d, r_d = torch.linalg.qr(d.T)
+        small_u, s, small_vh = torch.linalg.svd(r_u @ r_d.T)
+        U, V = q_u @ small_u, q_d @ small_vh.T
+    else:
+        s = d.norm(dim=1)
+        U, V = u, (d / torch.where(s > 0, s, torch.ones_like(s))[:, None]).T
+    layer = SVDLinear(d.shape[1], u.shape[0], s.shape[0], bias is not None, device=down.device, dtype=down.dtype)
+    for param, value in ((layer.U, U), (layer.s, s), (layer.V, V), (layer.bias, bias)):
+        if param is not None:
+            param.data.copy_(value)
+    return layer
+
+
+def _is_low_rank(module: nn.Module) -> bool:
+    # Duck-typed: the remote-code class lives in a module transformers generates, not in this package.
+    return type(module).__name__ == "LowRankLinear" and hasattr(module, "down") and hasattr(module, "up")
+
+
+def _stored_svd_config(model: nn.Module) -> SVDConfig:
+    """The model's `SVDConfig`: attached, in the config (factored or exported), else one targeting its layers."""
+    if getattr(model, "svd_config", None) is not None:
+        return model.svd_config
+    config = getattr(model, "config", None)
+    stored = (getattr(config, CONFIG_KEY, None) or {}).get("config") or (
+        getattr(config, METADATA_KEY, None) or {}
+    ).get("svd_config")
+    return SVDConfig.from_dict(stored) if stored else SVDConfig(sorted(svd_layers(model)))
+
+
+def _attach_svd_config(model: nn.Module, config: SVDConfig) -> None:
+    model.svd_config = config
+    _record_on_config(model, config)
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+
+
+def _metadata(model: PreTrainedModel, layers: dict[str, SVDLinear], rank_selection: dict | None) -> dict[str, Any]:
+    config_cls, arch = _base_class(type(model.config)), _base_class(type(model))
+    return {
+        "format_version": FORMAT_VERSION,
+        "ranks": {n: layer.rank for n, layer in layers.items()},
+        "dense_modules": [n for n, layer in layers.items() if not worth_factoring(layer)],
+        "full_ranks": {n: min(layer.out_features, layer.in_features) for n, layer in layers.items()},
+        "shapes": {n: [layer.out_features, layer.in_features] for n, layer in layers.items()},
+        "rank_selection": rank_selection,
+        "base_model_type": config_cls.model_type,
+        "base_architecture": arch.__name__,
+        "base_config_class": config_cls.__name__,
+        "base_model_class": _base_class(type(model.base_model)).__name__,
+        "svd_config": _stored_svd_config(model).to_dict() if layers else None,
+    }
+
+
+@torch.no_grad()
+def _export_tensors(
+    model: PreTrainedModel, layers: dict[str, SVDLinear], meta: dict, types: dict[str, type], dense: bool
+) -> dict[str, torch.Tensor]:
+    """The tensors to write: the model's own state minus the factored modules, plus their exported form."""
+    prefixes = tuple(n + "." for n in layers)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    state = remove_tied_weights_from_state_dict(state, model)
+    for name, layer in layers.items():
+        U, s, V = (t.detach().to(_work_dtype(t)) for t in layer.live_factors())
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        if dense or name in meta["dense_modules"]:
+            weight = ((U * s) @ V.T).to(layer.U.dtype)
+            state[f"{name}.weight"] = weight.T.contiguous() if types[name] is Conv1D else weight
+            prefix = f"{name}."
+        else:
+            state[f"{name}.down.weight"] = (V * s).T.contiguous().to(layer.U.dtype)
+            state[f"{name}.up.weight"] = U.contiguous().to(layer.U.dtype)
+            prefix = f"{name}.up."
+        if bias is not None:
+            state[prefix + "bias"] = bias
+    return state
+
+
+def _write_weights(path: Path, tensors: dict[str, torch.Tensor], dense: bool) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    metadata = {"format": "pt"}
+    low_rank = sorted(k.removesuffix(".down.weight") for k in tensors if k.endswith(".down.weight"))
+    if not dense and low_rank:
+        # A zero-size tensor where the base class expects a full weight: a plain `BaseClass.from_pretrained(path)`
+        # (which never reads our config) fails on the size mismatch instead of silently random-initializing.
+        tensors[f"{low_rank[0]}.weight"] = torch.zeros(0, dtype=tensors[f"{low_rank[0]}.down.weight"].dtype)
+        metadata[METADATA_KEY] = "Load with trust_remote_code=True or hf_svd_compress.load_compressed."
+    save_file(tensors, path, metadata=metadata)
+
+
+def _export_config(model: PreTrainedModel, arch: type, meta: dict | None) -> dict[str, Any]:
+    config_cls = _base_class(type(model.config))
+    config = _base_config_dict(model.config.to_dict(), {"base_model_type": config_cls.model_type})
+    config.update(architectures=[arch.__name__], dtype=str(model.dtype).removeprefix("torch."))
+    if meta is None:
+        return config
+    module = MODELING_FILE.removesuffix(".py")
+    auto_map = {"AutoConfig": f"{module}.SVDCompressedConfig", "AutoModel": f"{module}.SVDCompressedBaseModel"}
+    auto_map.update({auto: f"{module}.SVDCompressedModel" for auto in _auto_classes(config_cls.model_type, arch)})
+    config.update(
+        model_type=MODEL_TYPE_PREFIX + config_cls.model_type,
+        architectures=["SVDCompressedModel"],
+        auto_map=auto_map,
+        **{METADATA_KEY: meta},
+    )
+    return config
+
+
+def _modeling_source(meta: dict[str, Any]) -> str:
+    source = (resources.files(__package__) / "templates" / MODELING_FILE).read_text()
+    constants = {
+        "BASE_CONFIG_CLASS": meta["base_config_class"],
+        "BASE_MODEL_CLASS": meta["base_model_class"],
+        "TASK_MODEL_CLASS": meta["base_architecture"],
+        "MODEL_TYPE": MODEL_TYPE_PREFIX + meta["base_model_type"],
+    }
+    for key, value in constants.items():
+        source, count = re.subn(rf'^{key} = ".*"$', f'{key} = "{value}"', source, flags=re.MULTILINE)
+        if count != 1:
+            raise RuntimeError(f"The modeling template has no `{key} = ...` line to fill in.")
+    return source
+
+
+@functools.cache
+def _auto_classes(model_type: str, arch: type) -> tuple[str, ...]:
+    """The transformers auto classes (`AutoModelFor...`) whose mapping sends `model_type` to `arch`."""
+    names = []
+    for attr, auto_class in sorted(vars(modeling_auto).items()):
+        mapping = getattr(auto_class, "_model_mapping", None) if attr.startswith("AutoModel") else None
+        value = getattr(mapping, "_model_mapping", {}).get(model_type)
+        if arch.__name__ in (value if isinstance(value, list | tuple) else [value]):
+            names.append(attr)
+    return tuple(names)
+
+
+def _original_types(model: nn.Module, names: list[str]) -> dict[str, type]:
+    """Whether each factored module was an `nn.Linear` or a `Conv1D`, from a meta-device copy of the architecture."""
+    if not names or not isinstance(model, PreTrainedModel):
+        return dict.fromkeys(names, nn.Linear)
+    config_cls = _base_class(type(model.config))
+    config_dict = _base_config_dict(model.config.to_dict(), {"base_model_type": config_cls.model_type})
+    with torch.device("meta"):
+        skeleton = _base_class(type(model))(config_cls.from_dict(config_dict))
+    return {n: Conv1D if isinstance(skeleton.get_submodule(n), Conv1D) else nn.Linear for n in names}
+
+
+def _dense_layer(layer: SVDLinear, layer_type: type) -> nn.Module:
+    linear = layer.to_linear()
+    if layer_type is not Conv1D:
+        return linear
+    conv = Conv1D(layer.out_features, layer.in_features).to(device=linear.weight.device, dtype=linear.weight.dtype)
+    conv.weight.data.copy_(linear.weight.T)
+    conv.bias.data.copy_(linear.bias if linear.bias is not None else torch.zeros_like(conv.bias))
+    return conv
+
+
+def _base_config_dict(config_dict: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """A saved config as the base architecture's: without our keys and with the base `model_type`."""
+    skip = {"auto_map", METADATA_KEY, CONFIG_KEY, "_name_or_path"}
+    return {**{k: v for k, v in config_dict.items() if k not in skip}, "model_type": meta["base_model_type"]}
+
+
+def _base_class(cls: type) -> type:
+    """The first class of `cls`'s MRO that transformers exports (our and remote-code subclasses resolve to it)."""
+    for base in cls.__mro__:
+        if getattr(transformers, base.__name__, None) is base:
+            if base.__name__ in ("PreTrainedModel", "PreTrainedConfig", "PretrainedConfig"):
+                break
+            return base
+    raise TypeError(f"{cls.__name__} is not built on a transformers architecture; save_compressed cannot export it.")
+
+
+def _transformers_class(name: str) -> type:
+    cls = getattr(transformers, name, None) if name else None
+    if not isinstance(cls, type):
+        raise CompressedFormatError(f"transformers {transformers.__version__} has no class {name!r} to rebuild.")
+    return cls
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+
+
+def _resolve_folder(path_or_repo_id, revision, token, cache_dir, local_files_only) -> Path:
+    if os.path.isdir(path_or_repo_id):
+        return Path(path_or_repo_id)
+    if os.path.isabs(path_or_repo_id) or str(path_or_repo_id).startswith((".", "~")):
+        raise FileNotFoundError(f"{path_or_repo_id} is not a folder (nor a Hub repository id).")
+    folder = snapshot_download(
+        str(path_or_repo_id),
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"],
+    )
+    return Path(folder)
+
+
+def _check_metadata(config_dict: dict[str, Any], folder: Path) -> dict[str, Any]:
+    meta = config_dict.get(METADATA_KEY)
+    if not isinstance(meta, dict):
+        hint = " It was saved while factored: use load_factored_checkpoint." if CONFIG_KEY in config_dict else ""
+        raise CompressedFormatError(
+            f"{folder / 'config.json'} has no `{METADATA_KEY}` metadata: not a compressed model (a dense model loads "
+            f"with AutoModelFor...from_pretrained).{hint}"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CompressedFormatError(
+            f"{folder / 'config.json'}: `{METADATA_KEY}` format_version {meta.get('format_version')!r} is not "
+            f"supported (this hf_svd_compress reads version {FORMAT_VERSION}); upgrade hf_svd_compress."
+        )
+    missing = [key for key in _REQUIRED_METADATA if key not in meta]
+    missing += [f"shapes[{name!r}]" for name in meta.get("ranks", {}) if name not in meta.get("shapes", {})]
+    if missing:
+        raise CompressedFormatError(f"{folder / 'config.json'}: `{METADATA_KEY}` lacks {', '.join(missing)}.")
+    return meta
+
+
+def _check_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Every module of the metadata has tensors of the recorded rank and shape; errors name the module."""
+    dense = set(meta.get("dense_modules", []))
+    problems = []
+    for name, rank in meta["ranks"].items():
+        out_features, in_features = meta["shapes"][name]
+        if name in dense:
+            expected = {f"{name}.weight": [(out_features, in_features), (in_features, out_features)]}
+        else:
+            expected = {f"{name}.down.weight": [(rank, in_features)], f"{name}.up.weight": [(out_features, rank)]}
+        for key, shapes in expected.items():
+            found = tuple(tensors[key].shape) if key in tensors else None
+            if found not in shapes:
+                problems.append(f"module {name!r}: {key} should have shape {list(shapes[0])}, found {found}")
+    if problems:
+        raise CompressedFormatError(f"{file} does not match its `{METADATA_KEY}` metadata: " + "; ".join(problems))
+
+
+def _svd_state_dict(tensors: dict[str, torch.Tensor], low_rank: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The file's tensors with each `down`/`up` pair turned into `U`, `s`, `V`, `bias`, `mask` (markers dropped)."""
+    state = {k: v for k, v in tensors.items() if not k.startswith(tuple(n + "." for n in low_rank))}
+    for name in low_rank:
+        layer = svd_from_low_rank(tensors[f"{name}.down.weight"], tensors[f"{name}.up.weight"], None)
+        state.update({f"{name}.{k}": v for k, v in layer.state_dict().items() if k != "bias"})
+        if f"{name}.up.bias" in tensors:
+            state[f"{name}.bias"] = tensors[f"{name}.up.bias"]
+    return state
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """`load_state_dict`, failing on any key missing or unexpected, except the tied copies of loaded weights."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CompressedFormatError(f"The weights in {folder} do not fit {type(model).__name__}: {err}") from err
+    params = model.state_dict(keep_vars=True)
+    loaded = {id(params[k]) for k in state if k in params}
+    missing = [k for k in missing if id(params[k]) not in loaded]
+    if missing or unexpected:
+        raise CompressedFormatError(
+            f"The weights in {folder} do not fit {type(model).__name__}: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}."
+        )
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / f"{WEIGHTS_NAME}.index.json"
+    files = sorted(set(_read_json(index)["weight_map"].values())) if index.is_file() else [WEIGHTS_NAME]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the folder holds no safetensors weights (pickle is not read).")
+        try:
+            tensors.update(load_file(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CompressedFormatError(
+                f"{path} is not a readable safetensors file (corrupt or truncated?): {err}"
+            ) from err
+    return tensors
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CompressedFormatError(f"{path} is not valid JSON: {err}") from err
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _tensor_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    return next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+
+
+# ---- writing a folder safely --------------------------------------------------------------------------------------
+
+
+def _holds_model(folder: Path) -> bool:
+    return folder.is_dir() and any(any(folder.glob(pattern)) for pattern in _MODEL_FILE_PATTERNS)
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a folder.")
+    if _holds_model(target) and not overwrite:
+        raise FileExistsError(
+            f"{target} already holds a model (config.json or weights): pass overwrite=True to replace it, or choose "
+            "another folder."
+        )
+
+
+@contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A temporary sibling of `target` to write into, moved into place only if the block completes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would become the folder's once moved into place
+    try:
+        yield tmp
+        _move_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex[:12]}")
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        tmp.rename(target)
+    elif _holds_model(target):  # overwrite was checked: swap, then drop the old folder
+        old = _sibling(target, "old")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:  # a folder without a model (e.g. logs): add our files, config.json last so no half model is visible
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            os.replace(entry, target / entry.name)
