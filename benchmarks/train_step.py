@@ -103,9 +103,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--intervals", type=int, nargs="+", default=[1, 4], help="regularizer_interval values")
     cli = parser.parse_args()
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
-    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     print(f"{'model':<14}{'tokens':>8}{'reg every':>10}{'dense s/step':>14}{'SVD s/step':>12}{'ratio':>8}")
     for name in cli.models:
         for interval in cli.intervals:

