@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,11 +13,14 @@ SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
 
 # Every linear layer of a BERT / ViT / DINOv2 block; never the pooler or the task head.
 _ENCODER_BLOCK_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+# ViT and DINOv2 in recent transformers (5.x) name their block layers like decoders: attention.{q,k,v,o}_proj and
+# mlp.fc1 / mlp.fc2. Both spellings are listed so the defaults match either version.
+_PROJ_BLOCK_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2"]
 DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "bert": _ENCODER_BLOCK_TARGETS,
     "roberta": _ENCODER_BLOCK_TARGETS,
-    "vit": _ENCODER_BLOCK_TARGETS,
-    "dinov2": ["query", "key", "value", "attention.output.dense", "mlp.fc1", "mlp.fc2"],
+    "vit": [*_ENCODER_BLOCK_TARGETS, *_PROJ_BLOCK_TARGETS],
+    "dinov2": ["query", "key", "value", "attention.output.dense", *_PROJ_BLOCK_TARGETS],
 }
 
 
@@ -133,11 +137,20 @@ def _check_targets(name: str, value: Any) -> None:
             f"SVDConfig.{name}={value!r} is invalid: give a non-empty list of module names, a regex string, "
             "'all-linear', or None."
         )
+    if isinstance(value, str) and value != "all-linear":
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(
+                f"SVDConfig.{name}={value!r} is not a valid regex ({err}): a string must be a regex matching the "
+                "full module name, e.g. r'.*\\.(query|value)'; use a list for plain names."
+            ) from None
 
 
 def _check_non_negative(name: str, value: Any) -> None:
-    if not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"SVDConfig.{name}={value!r} must be a number >= 0 (0 disables the term).")
+    # `not value >= 0` also refuses NaN, which would turn every loss into NaN.
+    if not isinstance(value, int | float) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"SVDConfig.{name}={value!r} must be a finite number >= 0 (0 disables the term).")
 
 
 def _check_fraction(name: str, value: Any, closed_right: bool) -> None:

@@ -168,14 +168,17 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
 
 def energy_rank(s: torch.Tensor, energy: float) -> int:
     """Fewest singular values (largest |s| first) whose squared sum reaches `energy` of the total; at least 1."""
-    e = s.detach().float().square().sort(descending=True).values
-    total = e.sum()
-    if total <= 0:
+    # float64 on the CPU (r values only): float32 cumulative sums lose values below ~1e-7 of the total energy.
+    e = s.detach().cpu().double().square().sort(descending=True).values
+    nonzero = int((e > 0).sum())
+    if nonzero == 0:
         return 1
-    cum = e.cumsum(0) / total
-    # Tolerance so that energy=1.0 keeps every non-zero value despite rounding in the cumulative sum.
-    k = int(torch.searchsorted(cum, torch.tensor(energy - 1e-7, device=cum.device)).item()) + 1
-    return max(1, min(k, s.shape[0]))
+    if energy >= 1:
+        return nonzero  # all the energy: every non-zero value, however small, and never an exact zero
+    cum = e.cumsum(0) / e.sum()
+    # Tolerance so that a threshold hit exactly (e.g. 0.5 of [1, 1, 1, 1]) is not missed by rounding.
+    k = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype)).item()) + 1
+    return max(1, min(k, nonzero))
 
 
 def _svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
