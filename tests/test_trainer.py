@@ -90,32 +90,38 @@ def max_relative_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in b) / scale
 
 
+@pytest.fixture(scope="module", params=["bert", "vit"])
+def model_kind(request):
+    """BERT returns a plain mean loss; ViT normalizes by num_items_in_batch: the Trainer scales them differently."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference_update(tmp_path_factory):
+def reference_update(tmp_path_factory, model_kind):
     """Single process, no accumulation, batch 8: the update every other configuration must reproduce."""
-    return run_step(tmp_path_factory.mktemp("ref"), per_device_batch=8)
+    return run_step(tmp_path_factory.mktemp("ref"), 8, 1, 1, "--model", model_kind)
 
 
-def test_regularizers_move_the_reference_step(reference_update, tmp_path):
+def test_regularizers_move_the_reference_step(reference_update, model_kind, tmp_path):
     # Guard against a vacuous comparison: the regularizers must change the step by far more than the tolerance.
-    task_only = run_step(tmp_path, 8, 1, 1, "--no_regularizers")
+    task_only = run_step(tmp_path, 8, 1, 1, "--no_regularizers", "--model", model_kind)
     assert max_relative_diff(task_only, reference_update) > 0.1
 
 
-def test_gradient_accumulation_matches_reference(reference_update, tmp_path):
-    update = run_step(tmp_path, per_device_batch=4, grad_accum=2)
+def test_gradient_accumulation_matches_reference(reference_update, model_kind, tmp_path):
+    update = run_step(tmp_path, 4, 2, 1, "--model", model_kind)
     assert max_relative_diff(update, reference_update) < 1e-4
 
 
 @pytest.mark.distributed
-def test_two_processes_match_reference(reference_update, tmp_path):
-    update = run_step(tmp_path, per_device_batch=4, processes=2)
+def test_two_processes_match_reference(reference_update, model_kind, tmp_path):
+    update = run_step(tmp_path, 4, 1, 2, "--model", model_kind)
     assert max_relative_diff(update, reference_update) < 1e-4
 
 
 @pytest.mark.distributed
-def test_two_processes_with_accumulation_match_reference(reference_update, tmp_path):
-    update = run_step(tmp_path, per_device_batch=2, grad_accum=2, processes=2)
+def test_two_processes_with_accumulation_match_reference(reference_update, model_kind, tmp_path):
+    update = run_step(tmp_path, 2, 2, 2, "--model", model_kind)
     assert max_relative_diff(update, reference_update) < 1e-4
 
 

@@ -10,9 +10,28 @@ import argparse
 import torch
 from datasets import Dataset
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
 from hf_svd_compress import SVDConfig, SVDTrainer, SVDTrainingArguments, svd_factorize_
+
+SVD = SVDConfig(sparsity="hoyer_square", sparsity_weight=0.5, orth_weight=2.0)
+
+
+def tiny_factored_vit() -> ViTForImageClassification:
+    """ViT's head normalizes its loss by `num_items_in_batch`: the Trainer's other scaling branch."""
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return svd_factorize_(ViTForImageClassification(config), SVD)
 
 
 def tiny_factored_bert() -> BertForSequenceClassification:
@@ -27,8 +46,16 @@ def tiny_factored_bert() -> BertForSequenceClassification:
         attention_probs_dropout_prob=0.0,
         num_labels=3,
     )
-    model = BertForSequenceClassification(config)
-    return svd_factorize_(model, SVDConfig(sparsity="hoyer_square", sparsity_weight=0.5, orth_weight=2.0))
+    return svd_factorize_(BertForSequenceClassification(config), SVD)
+
+
+def data(model_kind: str) -> Dataset:
+    """8 examples: with max_steps=1 every configuration uses all of them in its one step."""
+    g = torch.Generator().manual_seed(1)
+    labels = [0, 1, 2, 0, 1, 2, 0, 1]
+    if model_kind == "vit":
+        return Dataset.from_dict({"pixel_values": torch.randn(8, 3, 16, 16, generator=g).tolist(), "labels": labels})
+    return Dataset.from_dict({"input_ids": torch.randint(0, 100, (8, 12), generator=g).tolist(), "labels": labels})
 
 
 def main() -> None:
@@ -36,20 +63,17 @@ def main() -> None:
     parser.add_argument("--per_device_batch", type=int, required=True)
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--no_regularizers", action="store_true")
+    parser.add_argument("--model", choices=["bert", "vit"], default="bert")
     parser.add_argument("--out", required=True)
     cli = parser.parse_args()
 
-    model = tiny_factored_bert()
+    model = tiny_factored_vit() if cli.model == "vit" else tiny_factored_bert()
     # Perturb U and V so the orthogonality term has a non-zero gradient.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith((".U", ".V")):
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    g = torch.Generator().manual_seed(1)
-    data = Dataset.from_dict(
-        {"input_ids": torch.randint(0, 100, (8, 12), generator=g).tolist(), "labels": [0, 1, 2, 0, 1, 2, 0, 1]}
-    )
     args = SVDTrainingArguments(
         output_dir=cli.out,
         max_steps=1,
@@ -67,7 +91,7 @@ def main() -> None:
         orth_weight=0.0 if cli.no_regularizers else None,
         sparsity="none" if cli.no_regularizers else None,
     )
-    trainer = SVDTrainer(model=model, args=args, train_dataset=data)
+    trainer = SVDTrainer(model=model, args=args, train_dataset=data(cli.model))
     trainer.train()
     if trainer.is_world_process_zero():
         update = {n: (p.detach() - before[n]).contiguous() for n, p in model.named_parameters()}

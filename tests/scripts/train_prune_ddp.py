@@ -1,0 +1,148 @@
+"""A few steps of SVDTrainer with `prune_at_step` on a tiny factored BERT; every process dumps what it holds.
+
+    python tests/scripts/train_prune_ddp.py --per_device_batch 8 --out OUT            # the single-process reference
+    python -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no tests/scripts/train_prune_ddp.py --per_device_batch 4 --out OUT   # DDP, 2 gloo processes
+
+Add `--use_fsdp --fsdp_version 1|2 ...` to the launch for FSDP. The dataset holds exactly `total batch x steps`
+examples and the first token of example `i` is `i`, so each process records which examples every optimizer step
+used; the test checks that a 2 x 4 run and a 1 x 8 run saw the same examples in the same steps before comparing
+weights. Each process writes `rank{i}.safetensors` (its full parameters and masks, gathered under FSDP) and
+`rank{i}.json` (ranks, examples per step, logs, a float64 checksum); rank 0 alone writes `compressed/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from safetensors.torch import save_file
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from hf_svd_compress import SVDConfig, SVDTrainer, SVDTrainingArguments, current_ranks, save_compressed, svd_factorize_
+
+TOTAL_BATCH, STEPS, PRUNE_AT = 8, 6, 3
+SEQ_LEN, VOCAB = 12, 100
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+def tiny_factored_bert() -> BertForSequenceClassification:
+    """Two BERT layers of width 32, dropout 0 (so every process computes the same function), fully factored."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
+    model = BertForSequenceClassification(config)
+    return svd_factorize_(model, SVDConfig(orth_weight=1.0, sparsity="hoyer", sparsity_weight=0.05))
+
+
+def training_data() -> Dataset:
+    """`TOTAL_BATCH x STEPS` examples, one epoch; the first token is the example's index (its id in the logs)."""
+    g = torch.Generator().manual_seed(1)
+    n = TOTAL_BATCH * STEPS
+    ids = torch.randint(STEPS * TOTAL_BATCH, VOCAB, (n, SEQ_LEN), generator=g)
+    ids[:, 0] = torch.arange(n)
+    labels = (ids[:, 1] % 3).tolist()
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels})
+
+
+class RecordingTrainer(SVDTrainer):
+    """`SVDTrainer` that remembers which examples each optimizer step used on this process."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.examples: dict[int, list[int]] = {}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        step = self.state.global_step + 1  # the optimizer step this micro-batch counts towards
+        self.examples.setdefault(step, []).extend(inputs["input_ids"][:, 0].tolist())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def full_state(trainer: SVDTrainer) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the model, whole on each process (FSDP gathers its shards first)."""
+    model = trainer.model_wrapped
+    if trainer.is_fsdp_enabled and getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, writeback=False):
+            return _named_tensors(model)
+    return _named_tensors(model)
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if hasattr(tensor, "full_tensor"):  # FSDP2 DTensor shard
+            tensor = tensor.full_tensor()
+        state[_clean(name)] = tensor.detach().cpu().clone().contiguous()
+    return state
+
+
+def _clean(name: str) -> str:
+    """The module name without DDP/FSDP wrapper prefixes, as in the unwrapped model."""
+    return name.replace(FSDP_PREFIX, "").removeprefix("module.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--per_device_batch", type=int, required=True)
+    # SGD with momentum by default: Adam's first steps are ~lr * sign(grad), which turns float noise in gradients
+    # that are ~0 (e.g. of attention keys) into lr-sized differences between otherwise equal runs.
+    parser.add_argument("--optim", default="sgd", choices=["sgd", "adamw_torch"])
+    parser.add_argument("--out", required=True)
+    cli = parser.parse_args()
+    out = Path(cli.out)
+
+    model = tiny_factored_bert()
+    args = SVDTrainingArguments(
+        output_dir=str(out / "trainer"),
+        max_steps=STEPS,
+        per_device_train_batch_size=cli.per_device_batch,
+        dataloader_drop_last=True,
+        seed=0,
+        data_seed=0,
+        optim=cli.optim,
+        optim_args="momentum=0.9" if cli.optim == "sgd" else None,
+        learning_rate=0.05 if cli.optim == "sgd" else 1e-2,
+        lr_scheduler_type="constant",
+        weight_decay=0.01,
+        prune_at_step=PRUNE_AT,
+        prune_energy=0.8,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=training_data())
+    trainer.train()
+
+    state = full_state(trainer)
+    rank = trainer.args.process_index
+    save_file(state, str(out / f"rank{rank}.safetensors"))
+    record = {
+        "world_size": trainer.args.world_size,
+        "ranks": {_clean(k): v for k, v in current_ranks(model).items()},
+        "examples": trainer.examples,
+        "logs": trainer.state.log_history,
+        "checksum": sum(t.double().sum().item() for t in state.values() if t.is_floating_point()),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
+    if trainer.is_world_process_zero() and not trainer.is_fsdp_enabled:
+        save_compressed(trainer.model, out / "compressed")
+
+
+if __name__ == "__main__":
+    main()
