@@ -37,7 +37,6 @@ from .factorize import CONFIG_KEY, _record_on_config, _replace, svd_layers
 from .hub import push_compressed_to_hub
 from .layers import SVDLinear, dense_weight
 from .model_card import render_model_card
-from .pruning import worth_factoring
 from .templates.modeling_svd_compressed import LowRankLinear
 
 logger = logging.getLogger(__name__)
@@ -61,6 +60,12 @@ MODELING_FILE = "modeling_svd_compressed.py"
 _MODEL_FILE_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.gguf", "*.onnx")
 _HUB_KWARGS = {"private", "token", "commit_message", "revision", "create_pr", "api"}
 _REQUIRED_METADATA = ("ranks", "shapes", "base_architecture", "base_config_class", "base_model_type")
+# A layer stays dense unless its factors hold fewer than this fraction of its dense weights, `r (m + n) < f m n`: near
+# the parameter break-even (f = 1) the two thin GEMMs of `up(down(x))` are slower than the one dense GEMM. Measured by
+# `python benchmarks/inference.py --break-even` (torch 2.13 CPU, MKL, AVX-512, 1 thread; 384/768-wide BERT and ViT
+# layers, 128 and 4096 tokens): the factored layer stops being faster at 0.9-1.0 of the parameter break-even rank for
+# ranks that are multiples of 8, and at 0.85-0.9 (128 tokens) or 0.6-0.85 (4096 tokens) for odd ranks.
+SPEED_BREAK_EVEN = 0.9
 
 
 class CompressedFormatError(ValueError):
@@ -76,6 +81,7 @@ def save_compressed(
     processing_class: Any | None = None,
     base_model: str | None = None,
     dense: bool = False,
+    speed_break_even: float = SPEED_BREAK_EVEN,
     overwrite: bool = False,
     push_to_hub: bool = False,
     repo_id: str | None = None,
@@ -91,6 +97,10 @@ def save_compressed(
         processing_class (*optional*): Tokenizer or image processor; its `save_pretrained` writes into the folder.
         base_model (`str`, *optional*): Hub id of the model before compression (default: `config.name_or_path`).
         dense (`bool`, defaults to `False`): Write a plain dense checkpoint of the base architecture instead.
+        speed_break_even (`float`, defaults to `SPEED_BREAK_EVEN` = 0.9): In (0, 1]; a layer is stored as factors
+            only if they hold fewer than this fraction of its dense weights, `r (m + n) < speed_break_even * m n`,
+            else dense (listed in `dense_modules`), since near the parameter break-even the factored layer runs
+            slower than the dense one. 1.0 keeps every layer that saves parameters factored.
         overwrite (`bool`, defaults to `False`): Replace a folder that already holds a model (once the new one is
             complete); without it such a folder raises `FileExistsError` before anything is written.
         push_to_hub (`bool`, defaults to `False`): Then upload the folder with `push_compressed_to_hub`.
@@ -105,6 +115,11 @@ def save_compressed(
     if unknown:
         raise TypeError(f"save_compressed got unexpected arguments {unknown}; hub ones: {sorted(_HUB_KWARGS)}.")
     _check_target(target, overwrite)
+    if not (isinstance(speed_break_even, int | float) and 0 < speed_break_even <= 1):
+        raise ValueError(
+            f"save_compressed(speed_break_even={speed_break_even!r}): it must be in (0, 1], e.g. 0.9 stores dense "
+            "the layers whose factors keep 90% or more of the dense weights; 1.0 only those that save nothing."
+        )
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"save_compressed needs a transformers PreTrainedModel, got {type(model).__name__} (merge a peft model "
@@ -113,7 +128,7 @@ def save_compressed(
     layers = factored_layers(model)
     if not layers and not dense:
         raise ValueError("The model has no SVDLinear layer: factor it with svd_factorize_ first, or pass dense=True.")
-    arch, meta = _base_class(type(model)), _metadata(model, layers, rank_selection)
+    arch, meta = _base_class(type(model)), _metadata(model, layers, rank_selection, speed_break_even)
     types = _original_types(model, list(layers))
     tensors = _export_tensors(model, layers, meta, types, dense)
     with _staging(target) as tmp:
@@ -328,12 +343,19 @@ def _attach_svd_config(model: nn.Module, config: SVDConfig) -> None:
 # ---- export -------------------------------------------------------------------------------------------------------
 
 
-def _metadata(model: PreTrainedModel, layers: dict[str, SVDLinear], rank_selection: dict | None) -> dict[str, Any]:
+def _metadata(
+    model: PreTrainedModel, layers: dict[str, SVDLinear], rank_selection: dict | None, speed_break_even: float
+) -> dict[str, Any]:
     config_cls, arch = _base_class(type(model.config)), _base_class(type(model))
+    dense = [n for n, layer in layers.items() if not _faster_factored(layer, speed_break_even)]
+    slower = [n for n in dense if _faster_factored(layers[n], 1.0)]
+    if slower:
+        logger.info("%d layer(s) would run slower factored than dense and are stored dense: %s", len(slower), slower)
     return {
         "format_version": FORMAT_VERSION,
         "ranks": {n: layer.rank for n, layer in layers.items()},
-        "dense_modules": [n for n, layer in layers.items() if not worth_factoring(layer)],
+        "dense_modules": dense,
+        "speed_break_even": speed_break_even,
         "full_ranks": {n: min(layer.out_features, layer.in_features) for n, layer in layers.items()},
         "shapes": {n: [layer.out_features, layer.in_features] for n, layer in layers.items()},
         "rank_selection": rank_selection,
@@ -343,6 +365,12 @@ def _metadata(model: PreTrainedModel, layers: dict[str, SVDLinear], rank_selecti
         "base_model_class": _base_class(type(model.base_model)).__name__,
         "svd_config": _stored_svd_config(model).to_dict() if layers else None,
     }
+
+
+def _faster_factored(layer: SVDLinear, speed_break_even: float) -> bool:
+    """Whether the live rank keeps fewer than `speed_break_even` of the dense weights (see `SPEED_BREAK_EVEN`)."""
+    m, n = layer.out_features, layer.in_features
+    return layer.rank * (m + n) < speed_break_even * m * n
 
 
 @torch.no_grad()
