@@ -47,12 +47,21 @@ def svd_factorize_(
             f"target_modules={targets!r} matched modules that are not nn.Linear: {wrong[:5]}. Only linear layers "
             "can be factored: target their linear sublayers by name (e.g. 'attention.self.query') or use 'all-linear'."
         )
+    # Drop our references to the dense layers: each one must be freed as soon as it is swapped out, before the
+    # next layer's SVD, so factoring never holds the dense and the factored model at once.
+    del modules
     for name in names:
-        if not isinstance(modules[name], SVDLinear):
-            _replace(model, name, SVDLinear.from_linear(modules[name], config.init_energy, config.init_max_rank))
+        _factor_one(model, name, config)
     model.svd_config = config
     _record_on_config(model, config)
     return model
+
+
+def _factor_one(model: nn.Module, name: str, config: SVDConfig) -> None:
+    """Swap one layer for its SVD; the dense layer is unreferenced (and freed) when this returns."""
+    dense = model.get_submodule(name)
+    if not isinstance(dense, SVDLinear):
+        _replace(model, name, SVDLinear.from_linear(dense, config.init_energy, config.init_max_rank))
 
 
 def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:

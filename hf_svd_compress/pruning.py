@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -24,9 +26,17 @@ def worth_factoring(layer: SVDLinear, rank: int | None = None) -> bool:
     return rank * (layer.out_features + layer.in_features) < layer.out_features * layer.in_features
 
 
-def energy_ranks(layers: dict[str, SVDLinear], energy: float) -> dict[str, int]:
+def live_spectra(layers: dict[str, SVDLinear]) -> dict[str, torch.Tensor]:
+    """Each layer's live singular values, whole on every process (an FSDP2 / DTensor shard is gathered)."""
+    return {name: _whole(layer.s).detach()[layer.mask] for name, layer in layers.items()}
+
+
+def energy_ranks(
+    layers: dict[str, SVDLinear], energy: float, spectra: dict[str, torch.Tensor] | None = None
+) -> dict[str, int]:
     """Per layer, the fewest live singular values holding `energy` of the live spectral energy."""
-    return {name: energy_rank(layer.s[layer.mask], energy) for name, layer in layers.items()}
+    spectra = live_spectra(layers) if spectra is None else spectra
+    return {name: energy_rank(spectra[name], energy) for name in layers}
 
 
 def budget_ranks(layers: dict[str, SVDLinear], budget: float, iterations: int = 40) -> dict[str, int]:
@@ -39,11 +49,12 @@ def budget_ranks(layers: dict[str, SVDLinear], budget: float, iterations: int = 
     def cost(ranks: dict[str, int]) -> int:
         return sum(layer_params(layers[n].out_features, layers[n].in_features, r) for n, r in ranks.items())
 
+    spectra = live_spectra(layers)  # gathered once, not at every bisection step
     low, high = 0.0, 1.0
-    best = energy_ranks(layers, 1e-9)
+    best = energy_ranks(layers, 1e-9, spectra)
     for _ in range(iterations):
         mid = (low + high) / 2
-        ranks = energy_ranks(layers, mid)
+        ranks = energy_ranks(layers, mid, spectra)
         if cost(ranks) <= allowed:
             low, best = mid, ranks
         else:
@@ -76,9 +87,10 @@ def prune_(model: nn.Module, energy: float | None = None, budget: float | None =
     layers = svd_layers(model)
     if not layers:
         raise ValueError("prune_ found no SVDLinear layer: call svd_factorize_(model, config) first.")
-    ranks = energy_ranks(layers, energy) if energy is not None else budget_ranks(layers, budget)
-    for name, layer in layers.items():
-        _keep_largest(layer, ranks[name])
+    with _whole_parameters(model):
+        ranks = energy_ranks(layers, energy) if energy is not None else budget_ranks(layers, budget)
+        for name, layer in layers.items():
+            _keep_largest(layer, ranks[name])
     dense = [n for n, layer in layers.items() if not worth_factoring(layer)]
     if dense:
         logger.info("%d layer(s) keep a rank that saves no parameters and export dense: %s", len(dense), dense)
@@ -100,7 +112,34 @@ def current_ranks(model: nn.Module) -> dict[str, int]:
 
 def _keep_largest(layer: SVDLinear, rank: int) -> None:
     live = torch.nonzero(layer.mask).flatten()
-    order = torch.argsort(layer.s[live].abs(), descending=True)
+    order = torch.argsort(_whole(layer.s).detach()[live].abs(), descending=True)
     new_mask = torch.zeros_like(layer.mask)
     new_mask[live[order[:rank]]] = True
     layer.mask.copy_(new_mask)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or the whole tensor of an FSDP2 / tensor-parallel `DTensor` (a collective: all processes call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@contextmanager
+def _whole_parameters(model: nn.Module) -> Iterator[None]:
+    """Gather FSDP1-sharded parameters while pruning reads `s` (outside forward each process holds a flat shard).
+
+    Only the masks (buffers, never sharded) change, so nothing is written back.
+    """
+    fsdp = _fsdp1_class()
+    if fsdp is not None and any(isinstance(m, fsdp) for m in model.modules()):
+        with fsdp.summon_full_params(model, writeback=False):
+            yield
+    else:
+        yield
+
+
+def _fsdp1_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel

@@ -7,10 +7,24 @@ values count: masked columns are zeroed, their identity entries dropped and `r` 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+
+def _autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off while a term is computed, if it is on for `t`'s device.
+
+    Under bf16 autocast `A.T @ A` would round the factors to bf16 first: `A^T A - I` (entries of a few 1e-3 at
+    most) would be rounding noise, and so would its gradient.
+    """
+    try:
+        active = torch.is_autocast_enabled(t.device.type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        active = False
+    return torch.autocast(t.device.type, enabled=False) if active else contextlib.nullcontext()
 
 
 def _live(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -20,13 +34,18 @@ def _live(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def gram_deviation(A: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """`||A^T A - I||_F^2 / r^2` over the live columns of `A` (d x r)."""
-    A = _live(A, mask)
-    live = A.new_ones(A.shape[1]) if mask is None else mask.to(A.dtype)
-    r = live.sum()
-    if r == 0:
-        return A.new_zeros(())
-    deviation = A.T @ A - torch.diag(live)
-    return deviation.square().sum() / r.square()
+    with _autocast_off(A):
+        A = A.float()  # no copy for a float32 parameter: backward keeps A itself, not a d x r temporary
+        deviation = A.T @ A - torch.eye(A.shape[1], device=A.device, dtype=A.dtype)
+        if mask is None:
+            return deviation.square().sum() / A.shape[1] ** 2
+        mask = mask.bool()
+        r = mask.sum()
+        if r == 0:
+            return A.new_zeros(())
+        # Mask the r x r Gram matrix rather than the d x r factor (same value and gradient, less saved memory).
+        deviation = torch.where(mask[:, None] & mask[None, :], deviation, 0.0)
+        return deviation.square().sum() / r.to(A.dtype).square()
 
 
 def orthogonality_loss(U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,7 +77,8 @@ def sparsity_loss(s: torch.Tensor, kind: str, mask: torch.Tensor | None = None) 
     """The `kind` sparsity regularizer of the live singular values `s`, in float32."""
     if kind not in SPARSITY_FUNCTIONS:
         raise ValueError(f"Unknown sparsity regularizer {kind!r}; use one of {sorted(SPARSITY_FUNCTIONS)}.")
-    return SPARSITY_FUNCTIONS[kind](_live(s, mask))
+    with _autocast_off(s):
+        return SPARSITY_FUNCTIONS[kind](_live(s, mask))
 
 
 def regularizer_totals(layers: Iterable[nn.Module], sparsity: str | None) -> tuple[torch.Tensor, torch.Tensor]:

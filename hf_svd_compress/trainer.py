@@ -129,7 +129,7 @@ class SVDTrainer(Trainer):
         kind = _first_set(getattr(args, "sparsity", None), cfg.sparsity)
         weight = _first_set(getattr(args, "sparsity_weight", None), cfg.sparsity_weight)
         prune_at = getattr(args, "prune_at_step", None)
-        if kind == DISABLED or not weight or (prune_at and self.state.global_step >= prune_at):
+        if kind in (None, DISABLED) or not weight or (prune_at and self.state.global_step >= prune_at):
             kind, weight = None, 0.0
         return float(orth), kind, float(weight)
 

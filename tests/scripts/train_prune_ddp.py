@@ -4,16 +4,20 @@
     python -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no tests/scripts/train_prune_ddp.py --per_device_batch 4 --out OUT   # DDP, 2 gloo processes
 
-Add `--use_fsdp --fsdp_version 1|2 ...` to the launch for FSDP. The dataset holds exactly `total batch x steps`
-examples and the first token of example `i` is `i`, so each process records which examples every optimizer step
-used; the test checks that a 2 x 4 run and a 1 x 8 run saw the same examples in the same steps before comparing
-weights. Each process writes `rank{i}.safetensors` (its full parameters and masks, gathered under FSDP) and
-`rank{i}.json` (ranks, examples per step, logs, a float64 checksum); rank 0 alone writes `compressed/`.
+FSDP cannot go through the Trainer on the CPU (accelerate keeps a gloo run as DDP): `dist_fsdp_train_prune.py`
+repeats this run with FSDP1 and FSDP2 in a hand-written loop around `SVDTrainer.compute_loss`. The dataset holds
+exactly `total batch x steps` examples and the first token of example `i` is `i`, so each process records which
+examples every optimizer step used; the test checks that a 2 x 4 run and a 1 x 8 run saw the same examples in the
+same steps before comparing weights. Each process writes `rank{i}.safetensors` (its whole parameters and masks,
+gathered under FSDP) and `rank{i}.json` (ranks, examples per step, logs, a float64 checksum); rank 0 alone writes
+`compressed/`. Plain SGD with momentum, no weight decay and no clipping keep the updates comparable to float
+precision.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -25,7 +29,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from hf_svd_compress import SVDConfig, SVDTrainer, SVDTrainingArguments, current_ranks, save_compressed, svd_factorize_
 
-TOTAL_BATCH, STEPS, PRUNE_AT = 8, 6, 3
+TOTAL_BATCH, STEPS, PRUNE_AT, PRUNE_ENERGY, LEARNING_RATE = 8, 6, 3, 0.8, 0.05
 SEQ_LEN, VOCAB = 12, 100
 FSDP_PREFIX = "_fsdp_wrapped_module."
 
@@ -70,29 +74,61 @@ class RecordingTrainer(SVDTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def full_state(trainer: SVDTrainer) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of the model, whole on each process (FSDP gathers its shards first)."""
-    model = trainer.model_wrapped
-    if trainer.is_fsdp_enabled and getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def training_arguments(out: Path, per_device_batch: int, optim: str = "sgd") -> SVDTrainingArguments:
+    """The run's settings; no weight decay or clipping, so a hand-written FSDP loop can repeat the exact update."""
+    return SVDTrainingArguments(
+        output_dir=str(out / "trainer"),
+        max_steps=STEPS,
+        per_device_train_batch_size=per_device_batch,
+        dataloader_drop_last=True,
+        seed=0,
+        data_seed=0,
+        optim=optim,
+        optim_args="momentum=0.9" if optim == "sgd" else None,
+        learning_rate=LEARNING_RATE if optim == "sgd" else 1e-2,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        prune_at_step=PRUNE_AT,
+        prune_energy=PRUNE_ENERGY,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
 
-        with FSDP.summon_full_params(model, writeback=False):
-            return _named_tensors(model)
-    return _named_tensors(model)
+
+def whole_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `model`, whole on each process (FSDP1 and FSDP2 gather their shards)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    fsdp1 = any(isinstance(m, FSDP) for m in model.modules())
+    with FSDP.summon_full_params(model, writeback=False) if fsdp1 else contextlib.nullcontext():
+        state = {}
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if hasattr(tensor, "full_tensor"):  # an FSDP2 DTensor shard
+                tensor = tensor.full_tensor()
+            state[clean_name(name)] = tensor.detach().cpu().clone().contiguous()
+        return state
 
 
-def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if hasattr(tensor, "full_tensor"):  # FSDP2 DTensor shard
-            tensor = tensor.full_tensor()
-        state[_clean(name)] = tensor.detach().cpu().clone().contiguous()
-    return state
-
-
-def _clean(name: str) -> str:
+def clean_name(name: str) -> str:
     """The module name without DDP/FSDP wrapper prefixes, as in the unwrapped model."""
     return name.replace(FSDP_PREFIX, "").removeprefix("module.")
+
+
+def dump(out: Path, rank: int, world_size: int, state: dict, ranks: dict, examples: dict, logs: list) -> None:
+    """What this process holds: `rank{rank}.safetensors` (whole state) and `rank{rank}.json` (the rest)."""
+    save_file(state, str(out / f"rank{rank}.safetensors"))
+    record = {
+        "world_size": world_size,
+        "ranks": {clean_name(k): v for k, v in ranks.items()},
+        "examples": examples,
+        "logs": logs,
+        "checksum": sum(t.double().sum().item() for t in state.values() if t.is_floating_point()),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
 
 
 def main() -> None:
@@ -106,41 +142,14 @@ def main() -> None:
     out = Path(cli.out)
 
     model = tiny_factored_bert()
-    args = SVDTrainingArguments(
-        output_dir=str(out / "trainer"),
-        max_steps=STEPS,
-        per_device_train_batch_size=cli.per_device_batch,
-        dataloader_drop_last=True,
-        seed=0,
-        data_seed=0,
-        optim=cli.optim,
-        optim_args="momentum=0.9" if cli.optim == "sgd" else None,
-        learning_rate=0.05 if cli.optim == "sgd" else 1e-2,
-        lr_scheduler_type="constant",
-        weight_decay=0.01,
-        prune_at_step=PRUNE_AT,
-        prune_energy=0.8,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        use_cpu=True,
-    )
+    args = training_arguments(out, cli.per_device_batch, cli.optim)
     trainer = RecordingTrainer(model=model, args=args, train_dataset=training_data())
     trainer.train()
 
-    state = full_state(trainer)
-    rank = trainer.args.process_index
-    save_file(state, str(out / f"rank{rank}.safetensors"))
-    record = {
-        "world_size": trainer.args.world_size,
-        "ranks": {_clean(k): v for k, v in current_ranks(model).items()},
-        "examples": trainer.examples,
-        "logs": trainer.state.log_history,
-        "checksum": sum(t.double().sum().item() for t in state.values() if t.is_floating_point()),
-    }
-    (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
-    if trainer.is_world_process_zero() and not trainer.is_fsdp_enabled:
+    state = whole_state(trainer.model)
+    rank, world_size = trainer.args.process_index, trainer.args.world_size
+    dump(out, rank, world_size, state, current_ranks(model), trainer.examples, trainer.state.log_history)
+    if trainer.is_world_process_zero():  # saving happens once, on the main process, as in the pipeline
         save_compressed(trainer.model, out / "compressed")
 
 
