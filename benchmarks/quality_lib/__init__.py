@@ -1,0 +1,1 @@
+"""Building blocks of `benchmarks/quality.py`: settings, the compression methods, measuring, caching, reporting."""

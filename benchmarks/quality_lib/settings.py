@@ -1,0 +1,206 @@
+"""What the quality benchmark runs (`Settings`, `RegConfig`) and where its results live (`ResultCache`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHOD_LABELS = {
+    "dense": "1. dense fine-tuned (reference)",
+    "dense_ft": "1b. dense + S+F more steps (control)",
+    "svd": "2. truncated SVD, no training",
+    "svd_ft": "3. truncated SVD + fine-tuning",
+    "asvd": "4a. ASVD, no training",
+    "asvd_ft": "4. ASVD + fine-tuning",
+    "ours_pruned": "5a. ours, pruned, before fine-tuning",
+    "ours": "5. ours (SVD training + prune + fine-tune)",
+}
+
+
+@dataclass(frozen=True)
+class RegConfig:
+    """The regularizer settings of "ours" (SVD training); one point of the sweep.
+
+    Args:
+        orth_weight (`float`): lambda_o, weight of the orthogonality loss.
+        sparsity_weight (`float`): lambda_s, weight of the singular-value sparsity loss.
+        sparsity (`str`, defaults to `"hoyer"`): `"l1"`, `"hoyer"` or `"hoyer_square"`.
+        s_lr_scale (`float`, defaults to 1.0): Learning rate of the singular values `s` during the regularized
+            stage, as a multiple of the learning rate of everything else (1: one learning rate for all).
+    """
+
+    orth_weight: float = 0.1
+    sparsity_weight: float = 1e-3
+    sparsity: str = "hoyer"
+    s_lr_scale: float = 1.0
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe identifier, e.g. `o0.1_hoyer0.001_slr1`."""
+        return f"o{self.orth_weight:g}_{self.sparsity}{self.sparsity_weight:g}_slr{self.s_lr_scale:g}"
+
+    @property
+    def label(self) -> str:
+        """A short human-readable description for tables."""
+        return f"orth {self.orth_weight:g}, {self.sparsity} {self.sparsity_weight:g}, s lr x{self.s_lr_scale:g}"
+
+    @classmethod
+    def parse(cls, spec: str) -> RegConfig:
+        """`"orth:sparsity_weight[:s_lr_scale[:sparsity]]"`, e.g. `"0.1:1e-3"` or `"0.1:1e-2:30"`."""
+        parts = spec.split(":")
+        if not 2 <= len(parts) <= 4:
+            raise ValueError(f"--sweep entry {spec!r}: use orth:sparsity_weight[:s_lr_scale[:sparsity]].")
+        kwargs: dict[str, Any] = {"orth_weight": float(parts[0]), "sparsity_weight": float(parts[1])}
+        if len(parts) > 2:
+            kwargs["s_lr_scale"] = float(parts[2])
+        if len(parts) > 3:
+            kwargs["sparsity"] = parts[3]
+        return cls(**kwargs)
+
+
+@dataclass
+class Settings:
+    """Everything that decides a result; see `preset` for the values of each task."""
+
+    task: str = "minilm"
+    budgets: tuple[float, ...] = (0.7, 0.5, 0.3)
+    max_length: int = 64
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    seed: int = 42
+    dense_steps: int = 150
+    dense_learning_rate: float = 1e-4
+    learning_rate: float = 1e-4
+    svd_steps: int = 50
+    finetune_steps: int = 30
+    warmup_ratio: float = 0.1
+    calib_batches: int = 64
+    asvd_alpha: float = 0.5
+    sweep_budget: float = 0.5
+    max_examples: int | None = None
+    image_size: int = 112
+    train_size: int = 1000
+    eval_size: int = 200
+    test_size: int = 500
+    default_config: RegConfig = field(default_factory=RegConfig)
+    sweep: tuple[RegConfig, ...] = ()
+
+    @property
+    def compressed_steps(self) -> int:
+        """Training steps of every method that trains after the dense model: S + F."""
+        return self.svd_steps + self.finetune_steps
+
+    def fingerprint(self, part: str) -> dict[str, Any]:
+        """The settings a result of `part` (`dense`, `svd`, `svd_ft`, `asvd_ft`, `ours`) depends on."""
+        keys = ["task", "max_length", "batch_size", "seed", "dense_steps", "dense_learning_rate", "max_examples"]
+        if self.task == "dinov2":
+            keys += ["image_size", "train_size", "eval_size", "test_size"]
+        if part in ("svd_ft", "asvd_ft", "ours"):
+            keys += ["learning_rate", "svd_steps", "finetune_steps", "warmup_ratio"]
+        if part == "asvd_ft":
+            keys += ["calib_batches", "asvd_alpha"]
+        return {k: getattr(self, k) for k in keys}
+
+
+def preset(task: str) -> Settings:
+    """The default settings of `task`: `minilm` (the real run), `tiny` (CI smoke run) or `dinov2`."""
+    sweep = tuple(RegConfig.parse(s) for s in DEFAULT_SWEEP)
+    if task == "minilm":
+        return Settings(task="minilm", sweep=sweep)
+    if task == "tiny":
+        return Settings(
+            task="tiny",
+            budgets=(0.5,),
+            max_length=32,
+            batch_size=4,
+            eval_batch_size=16,
+            dense_steps=3,
+            dense_learning_rate=1e-3,
+            learning_rate=1e-3,
+            svd_steps=2,
+            finetune_steps=2,
+            calib_batches=2,
+            max_examples=60,
+            sweep=(RegConfig(0.1, 1e-3), RegConfig(0.01, 1e-2, s_lr_scale=10.0)),
+        )
+    if task == "dinov2":
+        return Settings(task="dinov2", dense_steps=60, calib_batches=16, sweep=())
+    raise ValueError(f"Unknown task {task!r}: use minilm, tiny or dinov2.")
+
+
+# orth_weight:sparsity_weight:s_lr_scale. The singular values' learning rate comes first: under Adam a step moves s by
+# about lr whatever the regularizer weight, so at one learning rate for all (s lr x1) the sparsity term cannot move the
+# spectrum in a few dozen steps; the weights are then swept at the rate that does (x1000).
+DEFAULT_SWEEP = (
+    "0.1:1e-2:1",
+    "0.1:1e-2:100",
+    "0.1:1e-2:1000",
+    "0.1:1e-3:1000",
+    "0.1:1e-1:1000",
+    "0.01:1e-2:1000",
+)
+
+
+class ResultCache:
+    """One JSON file per result under `root`, tagged with the settings that produced it.
+
+    Args:
+        root (`Path`): The cache folder (created on first write).
+        force (`bool`): Ignore what is stored (results are recomputed and overwritten).
+    """
+
+    def __init__(self, root: Path, force: bool = False) -> None:
+        self.root, self.force = Path(root), force
+        self.fresh: set[str] = set()  # written by this process: reused even under --force
+
+    def path(self, name: str) -> Path:
+        return self.root / "results" / f"{name}.json"
+
+    def load(self, name: str, fingerprint: dict[str, Any], ignore_force: bool = False) -> dict[str, Any] | None:
+        """The stored result `name` if it was made with `fingerprint` (and `--force` is off), else `None`."""
+        path = self.path(name)
+        stale = self.force and not ignore_force and name not in self.fresh
+        if stale or not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if data.get("settings") != _jsonable(fingerprint):
+            print(f"[quality] {path.name}: stored with other settings, not reused", flush=True)
+            return None
+        return data
+
+    def save(self, name: str, fingerprint: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        data = {**result, "settings": _jsonable(fingerprint)}
+        path = self.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2, default=_default))
+        self.fresh.add(name)
+        return json.loads(path.read_text())
+
+    def all_results(self) -> list[dict[str, Any]]:
+        """Every stored result, whatever its settings."""
+        folder = self.root / "results"
+        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def result_name(method: str, budget: float | None = None, config: RegConfig | None = None) -> str:
+    """File stem of a result, e.g. `ours@50@o0.1_hoyer0.001_slr1`."""
+    name = method if budget is None else f"{method}@{round(budget * 100)}"
+    return name if config is None else f"{name}@{config.key}"
+
+
+def _default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"Not JSON serializable: {type(value).__name__}")
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(data, default=_default))

@@ -1,0 +1,344 @@
+"""The stages of the quality benchmark: dense reference, baselines, sweep, ours; each result cached on disk."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_svd_compress import SVDConfig, prune_, svd_factorize_, truncate_
+from hf_svd_compress.layers import dense_weight
+from hf_svd_compress.pipeline import TaskSetup
+
+from .asvd import activation_scales, asvd_factorize_, normalize_columns_, target_names
+from .core import energy_kept, evaluate_splits, export_stats, factored_stats, file_stats, load_task, train
+from .settings import RegConfig, ResultCache, Settings, result_name
+
+# Plain truncated SVD: no regularizer at any point (factors then train freely).
+BASELINE_CONFIG = SVDConfig(orth_weight=0.0, sparsity=None)
+REGULARIZED_FILE = "model.safetensors"
+
+
+def log(message: str) -> None:
+    print(f"[quality] {message}", flush=True)
+
+
+class Bench:
+    """Runs and caches every result of one task under `root`.
+
+    Args:
+        settings (`Settings`): What to run.
+        root (`Path`): Cache folder of this task (results, the dense model, the regularized models).
+        force (`bool`): Recompute results of the stages that run instead of reusing them.
+        keep_exports (`bool`): Keep each exported `save_compressed` folder (deleted after measuring otherwise).
+    """
+
+    def __init__(self, settings: Settings, root: Path, force: bool = False, keep_exports: bool = False) -> None:
+        self.settings, self.root, self.keep_exports = settings, Path(root), keep_exports
+        self.cache = ResultCache(self.root, force)
+        self._setup: TaskSetup | None = None
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def dense_dir(self) -> Path:
+        return self.root / "dense" / "model"
+
+    def setup(self) -> TaskSetup:
+        """Data and the dense fine-tuned model (loaded once; run the dense stage first)."""
+        if self._setup is None:
+            if not (self.dense_dir / "config.json").is_file():
+                raise FileNotFoundError(f"No dense model in {self.dense_dir}: run `--stage dense` first.")
+            self._setup = load_task(self.settings, self.dense_dir, self.root)
+            self._setup.model.to("cuda" if torch.cuda.is_available() else "cpu")
+        return self._setup
+
+    def fresh_dense(self) -> torch.nn.Module:
+        return copy.deepcopy(self.setup().model)
+
+    def fingerprint(self, part: str, **extra: Any) -> dict[str, Any]:
+        """Settings of `part`, plus the creation time of the dense model it starts from."""
+        dense = self.cache.load("dense", self.settings.fingerprint("dense"), ignore_force=True)
+        return {**self.settings.fingerprint(part), "dense_created": dense and dense["created"], **extra}
+
+    def cached(self, name: str, fingerprint: dict[str, Any], splits: tuple[str, ...]) -> dict[str, Any] | None:
+        result = self.cache.load(name, fingerprint)
+        return result if result is not None and all(s in result for s in splits) else None
+
+    def record(
+        self, name: str, fingerprint: dict[str, Any], model: torch.nn.Module, splits: tuple[str, ...], **info: Any
+    ) -> dict[str, Any]:
+        """Evaluate, export, measure and store the result `name` of `model`."""
+        start = time.perf_counter()
+        result = {"name": name, **info, **evaluate_splits(model, self.setup(), self.settings, splits)}
+        result.update(factored_stats(model))
+        result.update(export_stats(model, self.root / "exports" / name, keep=self.keep_exports))
+        result["eval_export_s"] = round(time.perf_counter() - start, 1)
+        result["created"] = time.time()
+        accuracy = ", ".join(f"{s} acc {result[s]['accuracy']:.4f}" for s in splits)
+        log(f"{name}: {accuracy}, {result['params_total']:,} params, budget {result['budget_realized']:.3f}")
+        return self.cache.save(name, fingerprint, result)
+
+    # -------------------------------------------------------------------------------------------------- dense
+
+    def run_dense(self) -> dict[str, Any]:
+        """Stage 1: fine-tune the pretrained model densely, save it (`save_pretrained`) and score it."""
+        fingerprint = self.settings.fingerprint("dense")
+        cached = self.cache.load("dense", fingerprint)
+        if cached is not None and (self.dense_dir / "config.json").is_file():
+            log(f"dense: cached (test acc {cached['test']['accuracy']:.4f})")
+            return cached
+        s = self.settings
+        log(f"dense: fine-tuning {s.dense_steps} steps (batch {s.batch_size}, lr {s.dense_learning_rate:g})")
+        setup = load_task(s, None, self.root)
+        training = train(setup.model, setup, s, s.dense_steps, s.dense_learning_rate)
+        setup.model.save_pretrained(self.dense_dir)
+        if setup.processing_class is not None:
+            setup.processing_class.save_pretrained(self.dense_dir)
+        result = self._dense_result("dense", setup.model, setup, ("val", "test"), training)
+        self._setup = None  # later stages load the saved model
+        return self.cache.save("dense", fingerprint, result)
+
+    def run_dense_control(self) -> dict[str, Any]:
+        """Control: the dense model trained S + F more steps, as the compressed ones are (the noise of training)."""
+        name, fingerprint = "dense_ft", self.fingerprint("svd_ft")
+        cached = self.cached(name, fingerprint, ("test",))
+        if cached is not None:
+            log(f"{name}: cached")
+            return cached
+        steps = self.settings.compressed_steps
+        log(f"{name}: training the dense model {steps} more steps")
+        model = self.fresh_dense()
+        training = train(model, self.setup(), self.settings, steps, self.settings.learning_rate)
+        result = self._dense_result(name, model, self.setup(), ("test",), training)
+        return self.cache.save(name, fingerprint, result)
+
+    def _dense_result(
+        self, name: str, model: torch.nn.Module, setup: TaskSetup, splits: tuple[str, ...], training: dict
+    ) -> dict[str, Any]:
+        result = {"name": name, "method": name, "budget": 1.0, "train": training}
+        result.update(evaluate_splits(model, setup, self.settings, splits))
+        result.update(file_stats(self.dense_dir / "model.safetensors"))  # same architecture, same size
+        dense_params = _target_params(model)
+        result.update(params_factored=dense_params, params_factored_dense=dense_params, budget_realized=1.0)
+        result["created"] = time.time()
+        log(f"{name}: " + ", ".join(f"{k} acc {result[k]['accuracy']:.4f}" for k in splits))
+        return result
+
+    # ---------------------------------------------------------------------------------------------- baselines
+
+    def run_baselines(self) -> None:
+        """Methods 2-4 at every budget, and the dense control."""
+        self.run_dense_control()
+        for budget in self.settings.budgets:
+            self.run_svd(budget)
+            self.run_asvd(budget)
+
+    def run_svd(self, budget: float) -> None:
+        """Methods 2 and 3: truncated SVD of the dense weights (global energy threshold), then fine-tuning."""
+        self._truncate_and_finetune("svd", budget, lambda model: svd_factorize_(model, BASELINE_CONFIG))
+
+    def run_asvd(self, budget: float) -> None:
+        """Method 4: activation-aware SVD truncated to the budget, then fine-tuning (plus its untrained score)."""
+        scales = self.asvd_scales()
+        alpha = self.settings.asvd_alpha
+        self._truncate_and_finetune(
+            "asvd", budget, lambda model: asvd_factorize_(model, BASELINE_CONFIG, scales, alpha), normalize_columns_
+        )
+
+    def _truncate_and_finetune(
+        self,
+        method: str,
+        budget: float,
+        factorize: Callable[[torch.nn.Module], Any],
+        after_truncate: Callable[[torch.nn.Module], Any] | None = None,
+    ) -> None:
+        names = {"plain": result_name(method, budget), "ft": result_name(f"{method}_ft", budget)}
+        prints = {"plain": self.baseline_fingerprint(method), "ft": self.baseline_fingerprint(f"{method}_ft")}
+        todo = [k for k in names if self.cached(names[k], prints[k], ("test",)) is None]
+        if not todo:
+            log(f"{names['plain']}, {names['ft']}: cached")
+            return
+        start = time.perf_counter()
+        model = factorize(self.fresh_dense())
+        prune_(model, budget=budget)
+        energy = energy_kept(model)
+        truncate_(model)
+        if after_truncate is not None:
+            after_truncate(model)
+        info = {"budget": budget, "energy_kept": energy}
+        if "plain" in todo:
+            info_plain = {**info, "method": method, "train": {"steps": 0, "wall_s": 0.0}}
+            self.record(names["plain"], prints["plain"], model, ("test",), **info_plain)
+        if "ft" in todo:
+            steps = self.settings.compressed_steps
+            log(f"{names['ft']}: fine-tuning {steps} steps")
+            training = train(model, self.setup(), self.settings, steps, self.settings.learning_rate)
+            self.record(names["ft"], prints["ft"], model, ("test",), **info, method=f"{method}_ft", train=training)
+        log(f"{method} @ {budget:.0%}: {time.perf_counter() - start:.0f} s")
+
+    def asvd_scales(self) -> dict[str, torch.Tensor]:
+        """Per-layer mean |input| over the calibration batches, computed once and cached (`asvd_scales.pt`)."""
+        path = self.root / "asvd_scales.pt"
+        fingerprint = self.fingerprint("asvd_ft")
+        if path.is_file() and (not self.cache.force or "asvd_scales" in self.cache.fresh):
+            stored = torch.load(path)
+            if stored["settings"] == fingerprint:
+                return stored["scales"]
+        s = self.settings
+        log(f"asvd: activation statistics over {s.calib_batches} calibration batches of {s.batch_size}")
+        model = self.setup().model
+        names = target_names(model, BASELINE_CONFIG)
+        scales = activation_scales(model, names, self.setup(), s.calib_batches, s.batch_size)
+        torch.save({"settings": fingerprint, "scales": scales}, path)
+        self.cache.fresh.add("asvd_scales")
+        return scales
+
+    # --------------------------------------------------------------------------------------------------- ours
+
+    def regularized_dir(self, config: RegConfig) -> Path:
+        return self.root / "regularized" / config.key
+
+    def run_regularized(self, config: RegConfig) -> dict[str, Any]:
+        """SVD training with both regularizers for `svd_steps` steps, saved once and pruned to every budget."""
+        name = result_name("regularized", None, config)
+        fingerprint = self.fingerprint("ours", config=config)
+        cached = self.cache.load(name, fingerprint)
+        folder = self.regularized_dir(config)
+        if cached is not None and (folder / REGULARIZED_FILE).is_file():
+            return cached
+        s = self.settings
+        log(f"ours [{config.label}]: SVD training {s.svd_steps} steps with the regularizers")
+        model = self.fresh_dense()
+        svd_factorize_(model, _svd_config(config))
+        training = train(
+            model,
+            self.setup(),
+            s,
+            s.svd_steps,
+            s.learning_rate,
+            config,
+            sparsity_on=True,
+            s_lr_scale=config.s_lr_scale,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        # The state dict under the in-memory names: `save_pretrained` renames some modules on the way out
+        # (DINOv2 / ViT `attention.q_proj` -> `attention.attention.query` in transformers 5.x).
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / REGULARIZED_FILE)
+        result = {"name": name, "method": "regularized", "config": config, "train": training, "created": time.time()}
+        return self.cache.save(name, fingerprint, result)
+
+    def load_regularized(self, config: RegConfig) -> torch.nn.Module:
+        """The saved regularized model: the dense model factored at full rank, then its trained state loaded."""
+        model = svd_factorize_(self.fresh_dense(), _svd_config(config))
+        state = load_file(self.regularized_dir(config) / REGULARIZED_FILE, device=str(self.setup().model.device))
+        model.load_state_dict(state, strict=True)
+        return model
+
+    def run_ours(self, config: RegConfig, budget: float, splits: tuple[str, ...] = ("test",)) -> dict[str, Any]:
+        """Prune the regularized model to `budget`, then fine-tune `finetune_steps` steps (sparsity off)."""
+        regularized = self.run_regularized(config)
+        fingerprint = self.fingerprint("ours", config=config, regularized_created=regularized["created"])
+        names = {"pruned": result_name("ours_pruned", budget, config), "ft": result_name("ours", budget, config)}
+        cached = self.cached(names["ft"], fingerprint, splits)
+        if cached is not None and self.cached(names["pruned"], fingerprint, ("test",)) is not None:
+            log(f"{names['ft']}: cached")
+            return cached
+        start = time.perf_counter()
+        model = self.load_regularized(config)
+        prune_(model, budget=budget)
+        info = {"budget": budget, "config": config, "energy_kept": energy_kept(model)}
+        truncate_(model)
+        pruned = {**info, "method": "ours_pruned", "train": {"steps": 0, "wall_s": 0.0}}
+        self.record(names["pruned"], fingerprint, model, ("test",), **pruned)
+        steps = self.settings.finetune_steps
+        log(f"{names['ft']}: fine-tuning {steps} steps")
+        training = train(model, self.setup(), self.settings, steps, self.settings.learning_rate, config)
+        result = self.record(names["ft"], fingerprint, model, splits, **info, method="ours", train=training)
+        log(f"ours @ {budget:.0%} [{config.label}]: {time.perf_counter() - start:.0f} s")
+        return result
+
+    def run_sweep(self) -> RegConfig:
+        """Ours at the sweep budget for every config of the sweep (validation and test); returns the best."""
+        for config in self.settings.sweep:
+            self.run_ours(config, self.settings.sweep_budget, ("val", "test"))
+        return self.best_config()
+
+    def sweep_results(self) -> list[dict[str, Any]]:
+        """The stored sweep results (ours at the sweep budget, with a validation score) of the current settings."""
+        results = []
+        for config in self.settings.sweep:
+            regularized = self.cache.load(
+                result_name("regularized", None, config), self.fingerprint("ours", config=config), ignore_force=True
+            )
+            if regularized is None:
+                continue
+            fingerprint = self.fingerprint("ours", config=config, regularized_created=regularized["created"])
+            name = result_name("ours", self.settings.sweep_budget, config)
+            result = self.cache.load(name, fingerprint, ignore_force=True)
+            pruned = self.cache.load(name.replace("ours@", "ours_pruned@"), fingerprint, ignore_force=True)
+            if result is not None and "val" in result:
+                results.append({**result, "config": config, "pruned": pruned, "regularized": regularized})
+        return results
+
+    def best_config(self) -> RegConfig | None:
+        """The sweep config with the best validation accuracy (ties: lower validation loss); None without a sweep."""
+        results = self.sweep_results()
+        if not results:
+            return None
+        best = max(results, key=lambda r: (r["val"]["accuracy"], -r["val"]["loss"]))
+        return best["config"]
+
+    def run_ours_all(self, config: RegConfig) -> None:
+        """Ours at every budget with `config` (the sweep budget's result is reused from the sweep)."""
+        for budget in self.settings.budgets:
+            self.run_ours(config, budget)
+
+    # ------------------------------------------------------------------------------------------------- table
+
+    def baseline_fingerprint(self, method: str) -> dict[str, Any]:
+        """Fingerprint of a baseline result: `svd`, `svd_ft`, `asvd` (untrained ASVD) or `asvd_ft`."""
+        if method == "asvd":
+            asvd = self.fingerprint("asvd_ft")
+            return {**self.fingerprint("svd"), **{k: asvd[k] for k in ("calib_batches", "asvd_alpha")}}
+        return self.fingerprint(method)
+
+    def collect(self, config: RegConfig) -> list[dict[str, Any]]:
+        """Every stored result of the table for the current settings (missing ones are left out)."""
+        load = self.cache.load
+        rows = []
+        dense = load("dense", self.settings.fingerprint("dense"), ignore_force=True)
+        if dense is not None:
+            rows.append(dense)
+        control = load("dense_ft", self.fingerprint("svd_ft"), ignore_force=True)
+        if control is not None:
+            rows.append(control)
+        regularized = load(
+            result_name("regularized", None, config), self.fingerprint("ours", config=config), ignore_force=True
+        )
+        for budget in self.settings.budgets:
+            for method in ("svd", "svd_ft", "asvd", "asvd_ft"):
+                result = load(result_name(method, budget), self.baseline_fingerprint(method), ignore_force=True)
+                rows += [result] if result is not None else []
+            if regularized is None:
+                continue
+            fingerprint = self.fingerprint("ours", config=config, regularized_created=regularized["created"])
+            for method in ("ours_pruned", "ours"):
+                result = load(result_name(method, budget, config), fingerprint, ignore_force=True)
+                rows += [{**result, "regularized": regularized}] if result is not None else []
+        return rows
+
+
+def _svd_config(config: RegConfig) -> SVDConfig:
+    return SVDConfig(orth_weight=config.orth_weight, sparsity=config.sparsity, sparsity_weight=config.sparsity_weight)
+
+
+def _target_params(model: torch.nn.Module) -> int:
+    """Dense parameters `sum m n` of the layers the benchmark factors."""
+    modules = dict(model.named_modules())
+    return sum(dense_weight(modules[n]).numel() for n in target_names(model, BASELINE_CONFIG))
