@@ -137,7 +137,9 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     summary["ranks"] = truncate_(model)
     summary["accuracy"]["pruned"] = _evaluate(SVDTrainer, setup, args)
     if pipeline_args.finetune_steps:
-        ft_args = _stage_args(args, pipeline_args.finetune_steps, "finetune", sparsity="none")
+        ft_args = _stage_args(
+            args, pipeline_args.finetune_steps, "finetune", sparsity="none", singular_value_lr_scale=1.0
+        )
         _train(SVDTrainer, setup, ft_args)
     summary["accuracy"]["compressed"] = _evaluate(SVDTrainer, setup, args)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)

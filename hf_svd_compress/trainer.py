@@ -33,6 +33,14 @@ class SVDTrainingArguments(TrainingArguments):
     sparsity_weight: float | None = field(
         default=None, metadata={"help": "lambda_s, weight of the sparsity regularizer. Unset: the SVDConfig."}
     )
+    singular_value_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning rate of the singular values s, as a multiple of learning_rate. Adam moves every "
+            "parameter by about the learning rate per step, so at fine-tuning rates the spectrum barely moves "
+            "and the sparsity regularizer has no effect; ~1000 lets it reshape s in a few hundred steps."
+        },
+    )
     regularizer_interval: int = field(
         default=1,
         metadata={"help": "Add the regularizers every k optimizer steps, weighted by k (cheaper, same mean)."},
@@ -56,6 +64,8 @@ class SVDTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"--{name} {value}: must be >= 0 (0 disables the term).")
+        if not self.singular_value_lr_scale > 0:
+            raise ValueError(f"--singular_value_lr_scale {self.singular_value_lr_scale}: must be > 0 (1 = no change).")
         if self.regularizer_interval < 1:
             raise ValueError(f"--regularizer_interval {self.regularizer_interval}: must be >= 1.")
         if self.prune_energy is not None and not 0 < self.prune_energy <= 1:
@@ -121,6 +131,15 @@ class SVDTrainer(Trainer):
         if prune_at:
             energy, budget = self._pruning_target()
             self.add_callback(SVDPruningCallback(prune_at, energy=energy, budget=budget))
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the singular values in their own groups at a scaled learning rate."""
+        created = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        scale = getattr(self.args, "singular_value_lr_scale", 1.0)
+        if created and scale != 1.0:
+            _scale_singular_value_lr(optimizer, {id(layer.s) for layer in self._svd_layers}, scale)
+        return optimizer
 
     def regularizer_weights(self) -> tuple[float, str | None, float]:
         """`(orth_weight, sparsity_kind, sparsity_weight)` in force at the current step."""
@@ -194,6 +213,16 @@ class SVDTrainer(Trainer):
             budget = self.svd_config.prune_budget
             energy = None if budget else self.svd_config.prune_energy
         return energy, budget
+
+
+def _scale_singular_value_lr(optimizer: torch.optim.Optimizer, ids: set[int], scale: float) -> None:
+    """Move the parameters in `ids` out of each group into a copy of that group with `lr * scale`."""
+    for group in list(optimizer.param_groups):
+        singular = [p for p in group["params"] if id(p) in ids]
+        if singular:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+            settings = {k: v for k, v in group.items() if k != "params"}
+            optimizer.add_param_group({**settings, "params": singular, "lr": group["lr"] * scale})
 
 
 def _first_set(*values):

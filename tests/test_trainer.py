@@ -256,3 +256,21 @@ def test_gradient_checkpointing_does_not_count_terms_twice(tmp_path):
             regularizer_totals(trainer._svd_layers, "l1")[1].item(), rel=0.05
         )
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_singular_value_lr_scale_gives_s_its_own_learning_rate(tmp_path):
+    model = tiny_model()
+    trainer = SVDTrainer(
+        model=model, args=args(tmp_path, learning_rate=1e-3, singular_value_lr_scale=100.0), train_dataset=tiny_data()
+    )
+    optimizer = trainer.create_optimizer()
+    s_ids = {id(layer.s) for layer in trainer._svd_layers}
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert not ids or ids <= s_ids or not ids & s_ids, "a group mixes singular values and other parameters"
+        assert group["lr"] == pytest.approx(0.1 if ids and ids <= s_ids else 1e-3)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    before = {id(layer.s): layer.s.detach().clone() for layer in trainer._svd_layers}
+    trainer.train()
+    moved = max((layer.s.detach() - before[id(layer.s)]).abs().max().item() for layer in trainer._svd_layers)
+    assert moved > 0.05  # 4 Adam steps at lr 0.1 (about 1e-3 x 4 without the scale)
