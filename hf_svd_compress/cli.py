@@ -56,8 +56,12 @@ def parse_with_config(
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", default=None, help="YAML file with any of these options (flags override it).")
     values = dict(defaults or {})
-    if known.config:
-        values.update(_read_yaml(known.config))
+    from_file = _read_yaml(known.config) if known.config else {}
+    values.update(from_file)
+    # A budget the user asks for replaces a default energy (the two are exclusive).
+    explicit = set(from_file) | {arg[2:].split("=")[0] for arg in rest if arg.startswith("--")}
+    if "prune_budget" in explicit and "prune_energy" not in explicit:
+        values.pop("prune_energy", None)
     dests = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - dests)
     if unknown:

@@ -117,3 +117,19 @@ def test_prune_refuses_bad_values(compressed_run):
 def test_unknown_command_lists_the_commands(capsys):
     with pytest.raises(SystemExit, match="compress"):
         main(["compres"])
+
+
+def test_a_budget_replaces_the_default_energy(tmp_path):
+    from hf_svd_compress.cli import COMPRESS_DEFAULTS, parse_with_config
+    from hf_svd_compress.pipeline import PipelineArguments
+    from hf_svd_compress.tasks import TextTaskArguments
+    from hf_svd_compress.trainer import SVDTrainingArguments
+
+    types = (TextTaskArguments, PipelineArguments, SVDTrainingArguments)
+    argv = ["--output_dir", str(tmp_path), "--prune_budget", "0.5"]
+    *_, args = parse_with_config(types, argv, COMPRESS_DEFAULTS)
+    assert (args.prune_budget, args.prune_energy) == (0.5, None)
+    *_, args = parse_with_config(types, ["--output_dir", str(tmp_path)], COMPRESS_DEFAULTS)
+    assert (args.prune_budget, args.prune_energy) == (None, 0.9)
+    with pytest.raises(ValueError, match="only one"):
+        parse_with_config(types, [*argv, "--prune_energy", "0.8"], COMPRESS_DEFAULTS)
