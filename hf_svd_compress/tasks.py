@@ -17,6 +17,7 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     TrainingArguments,
+    set_seed,
 )
 
 from .data import fashion_mnist_transform, load_bbc_news, load_fashion_mnist, load_text_dataset
@@ -125,6 +126,7 @@ def setup_text_classification(task: TextTaskArguments, args: TrainingArguments) 
     keep = {task.label_column}
     data = data.map(tokenize, batched=True, remove_columns=[c for c in data["train"].column_names if c not in keep])
     data = data.rename_column(task.label_column, "labels") if task.label_column != "labels" else data
+    set_seed(args.seed)  # the new classification head is initialized from the global generator
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,
         num_labels=len(names),
@@ -159,6 +161,7 @@ def setup_image_classification(task: ImageTaskArguments, args: TrainingArguments
         processor.size = {"height": task.image_size, "width": task.image_size}
         processor.crop_size = {"height": task.image_size, "width": task.image_size}
     transform = fashion_mnist_transform(processor, image_column=task.image_column, label_column=task.label_column)
+    set_seed(args.seed)  # the new classification head is initialized from the global generator
     model = AutoModelForImageClassification.from_pretrained(
         model_path,
         num_labels=len(names),
