@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .config import SVDConfig
-from .export import save_compressed
+from .export import _holds_model, save_compressed
 from .factorize import svd_factorize_, svd_layers
 from .pruning import prune_, truncate_
 from .trainer import SVDTrainer, SVDTrainingArguments
@@ -96,10 +96,7 @@ def stage(message: str, args: TrainingArguments) -> None:
 def check_export_dir(pipeline_args: PipelineArguments, args: TrainingArguments) -> Path:
     """Refuse, before any training, an export folder that already holds a model (unless overwriting)."""
     export_dir = Path(pipeline_args.export_dir or Path(args.output_dir) / "compressed")
-    holds_model = export_dir.is_dir() and any(
-        (export_dir / name).exists() for name in ("config.json", "model.safetensors", "pytorch_model.bin")
-    )
-    if holds_model and not pipeline_args.overwrite_export:
+    if _holds_model(export_dir) and not pipeline_args.overwrite_export:
         raise FileExistsError(
             f"{export_dir} already holds a model. Choose another --export_dir (or --output_dir), or pass "
             "--overwrite_export to replace it."

@@ -40,12 +40,10 @@ def gram_deviation(A: torch.Tensor, mask: torch.Tensor | None = None) -> torch.T
         if mask is None:
             return deviation.square().sum() / A.shape[1] ** 2
         mask = mask.bool()
-        r = mask.sum()
-        if r == 0:
-            return A.new_zeros(())
         # Mask the r x r Gram matrix rather than the d x r factor (same value and gradient, less saved memory).
         deviation = torch.where(mask[:, None] & mask[None, :], deviation, 0.0)
-        return deviation.square().sum() / r.to(A.dtype).square()
+        # clamp: an all-masked layer gives 0 / 1, with no host sync on `r == 0` in the forward pass.
+        return deviation.square().sum() / mask.sum().clamp_min(1).to(A.dtype).square()
 
 
 def orthogonality_loss(U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,14 +58,13 @@ def l1(s: torch.Tensor) -> torch.Tensor:
 
 def hoyer(s: torch.Tensor) -> torch.Tensor:
     """`||s||_1 / ||s||_2` (0 for an all-zero s)."""
-    norm = s.norm()
-    return s.abs().sum() / norm if norm > 0 else s.new_zeros(())
+    # An all-zero s has ||s||_1 = 0: clamping the denominator gives 0 without a host sync or a NaN gradient.
+    return s.abs().sum() / s.norm().clamp_min(torch.finfo(s.dtype).tiny)
 
 
 def hoyer_square(s: torch.Tensor) -> torch.Tensor:
     """`||s||_1^2 / ||s||_2^2` (0 for an all-zero s)."""
-    sq = s.square().sum()
-    return s.abs().sum().square() / sq if sq > 0 else s.new_zeros(())
+    return s.abs().sum().square() / s.square().sum().clamp_min(torch.finfo(s.dtype).tiny)
 
 
 SPARSITY_FUNCTIONS = {"l1": l1, "hoyer": hoyer, "hoyer_square": hoyer_square}
