@@ -10,6 +10,11 @@ from typing import Any
 CONFIG_FORMAT_VERSION = 1
 
 SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
+# How a factored layer is parameterized: the regularized SVD (the default), Householder-orthonormal factors (SVDP),
+# their tensor-train form (STTP), or a CUR decomposition built from actual columns and rows of the weight.
+PARAMETERIZATIONS = ("svd", "householder", "sttp", "cur")
+# How an `nn.Conv2d` weight [Cout, Cin, kh, kw] is flattened to a matrix before its SVD (Yang et al.).
+CONV_MODES = ("channel", "spatial")
 
 # Every linear layer of a BERT / ViT / DINOv2 block; never the pooler or the task head.
 _ENCODER_BLOCK_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -50,6 +55,15 @@ class SVDConfig:
             Start below full rank: keep this fraction of each layer's energy at factoring time.
         init_max_rank (`int`, *optional*):
             Start below full rank: cap every factored layer's rank at this value.
+        parameterization (`str`, defaults to `"svd"`):
+            How factored layers are parameterized: `"svd"` (`U diag(s) V^T` with the orthogonality loss),
+            `"householder"` (U and V products of Householder reflections, orthonormal by construction, SVDP),
+            `"sttp"` (the same factors in tensor-train form) or `"cur"` (columns and rows of the weight).
+        conv_mode (`str`, defaults to `"channel"`):
+            How a targeted `nn.Conv2d` is factored: `"channel"` (a kh x kw conv to rank r, then a 1x1 conv) or
+            `"spatial"` (a kh x 1 conv, then a 1 x kw conv).
+        approx_weight (`float`, defaults to 1.0):
+            For `parameterization="cur"`: weight of the distance between each weight and its CUR approximation.
     """
 
     target_modules: list[str] | str | None = field(
@@ -76,6 +90,15 @@ class SVDConfig:
         default=None, metadata={"help": "Keep this energy fraction at factoring time (start below full rank)."}
     )
     init_max_rank: int | None = field(default=None, metadata={"help": "Cap each layer's rank at factoring time."})
+    parameterization: str = field(
+        default="svd", metadata={"help": "Factored layer form: 'svd', 'householder', 'sttp' or 'cur'."}
+    )
+    conv_mode: str = field(
+        default="channel", metadata={"help": "How targeted nn.Conv2d layers are factored: 'channel' or 'spatial'."}
+    )
+    approx_weight: float = field(
+        default=1.0, metadata={"help": "CUR only: weight of ||W - C U R||_F^2 / ||W||_F^2 in the loss."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple | set):
@@ -89,7 +112,14 @@ class SVDConfig:
                 f"SVDConfig.sparsity={self.sparsity!r} is not supported: use one of {SPARSITY_KINDS} or None "
                 "(no sparsity regularizer)."
             )
-        for name in ("orth_weight", "sparsity_weight"):
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"SVDConfig.parameterization={self.parameterization!r} is not supported: use one of "
+                f"{PARAMETERIZATIONS}."
+            )
+        if self.conv_mode not in CONV_MODES:
+            raise ValueError(f"SVDConfig.conv_mode={self.conv_mode!r} is not supported: use one of {CONV_MODES}.")
+        for name in ("orth_weight", "sparsity_weight", "approx_weight"):
             _check_non_negative(name, getattr(self, name))
         _check_fraction("prune_energy", self.prune_energy, closed_right=True)
         if self.prune_budget is not None:

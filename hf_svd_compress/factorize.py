@@ -9,6 +9,7 @@ from torch import nn
 from .config import SVDConfig
 from .layers import FACTORABLE_TYPES, SVDLinear
 from .matching import find_targets
+from .parameterizations import factored_layer
 
 # Attribute of `model.config` that marks a factored model; survives save_pretrained and Trainer checkpoints.
 CONFIG_KEY = "svd_training"
@@ -61,7 +62,7 @@ def _factor_one(model: nn.Module, name: str, config: SVDConfig) -> None:
     """Swap one layer for its SVD; the dense layer is unreferenced (and freed) when this returns."""
     dense = model.get_submodule(name)
     if not isinstance(dense, SVDLinear):
-        _replace(model, name, SVDLinear.from_linear(dense, config.init_energy, config.init_max_rank))
+        _replace(model, name, factored_layer(dense, config))
 
 
 def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:

@@ -1,0 +1,25 @@
+"""`factored_layer`: the factored replacement of one dense layer, in the parameterization the config asks for."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import SVDConfig
+from .layers import SVDLinear
+
+
+def factored_layer(dense: nn.Module, config: SVDConfig) -> nn.Module:
+    """The factored layer that replaces `dense` (an `nn.Linear` or transformers `Conv1D`) under `config`.
+
+    Args:
+        dense (`nn.Module`): The layer to factor.
+        config (`SVDConfig`): Its `parameterization`, `conv_mode`, `init_energy` and `init_max_rank` decide the
+            result.
+
+    Returns:
+        A module computing the same function as `dense` (up to float error) when no truncation is asked for.
+    """
+    kind = config.parameterization
+    if kind == "svd":
+        return SVDLinear.from_linear(dense, config.init_energy, config.init_max_rank)
+    raise NotImplementedError(f"SVDConfig.parameterization={kind!r} is not available yet; use 'svd'.")
