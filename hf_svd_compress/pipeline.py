@@ -64,6 +64,7 @@ class PipelineArguments:
             "sparsity_weight": args.sparsity_weight,
             "prune_energy": args.prune_energy,
             "prune_budget": args.prune_budget,
+            "prune_rank_multiple": args.prune_rank_multiple,
         }
         defaults = dataclasses.asdict(SVDConfig())
         return SVDConfig(
@@ -130,7 +131,9 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     how = {"method": "budget", "budget": config.prune_budget} if config.prune_budget else None
     how = how or {"method": "energy", "energy": config.prune_energy}
     stage(f"4/5 pruning singular values ({how}) and fine-tuning {pipeline_args.finetune_steps} steps", args)
-    prune_(model, energy=how.get("energy"), budget=how.get("budget"))
+    if config.prune_rank_multiple > 1:
+        how["rank_multiple"] = config.prune_rank_multiple
+    prune_(model, energy=how.get("energy"), budget=how.get("budget"), rank_multiple=config.prune_rank_multiple)
     summary["ranks"] = truncate_(model)
     summary["accuracy"]["pruned"] = _evaluate(SVDTrainer, setup, args)
     if pipeline_args.finetune_steps:

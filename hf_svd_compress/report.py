@@ -377,13 +377,15 @@ def _split_name(metric: str) -> str:
 def _describe_selection(selection: dict[str, Any] | None) -> str:
     if not selection:
         return _NOT_RECORDED
-    method = selection.get("method")
+    method, multiple = selection.get("method"), selection.get("rank_multiple", 1)
+    rounding = f", ranks rounded up to multiples of {multiple}" if multiple > 1 else ""
     if method == "energy" and selection.get("energy") is not None:
-        return f"energy: each layer keeps the fewest singular values holding {selection['energy']:.4g} of its energy"
+        energy = selection["energy"]
+        return f"energy: each layer keeps the fewest singular values holding {energy:.4g} of its energy{rounding}"
     if method == "budget" and selection.get("budget") is not None:
         return (
             f"global budget: one energy threshold chosen so the target layers keep {selection['budget']:.4g} of "
-            "their dense parameters"
+            f"their dense parameters{rounding}"
         )
     return "`" + json.dumps(selection, sort_keys=True) + "`"
 

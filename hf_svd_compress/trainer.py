@@ -55,6 +55,10 @@ class SVDTrainingArguments(TrainingArguments):
     prune_budget: float | None = field(
         default=None, metadata={"help": "Global parameter fraction kept when pruning at prune_at_step, in (0, 1)."}
     )
+    prune_rank_multiple: int | None = field(
+        default=None,
+        metadata={"help": "Round pruned ranks up to a multiple of this (8: faster GEMMs). Unset: the SVDConfig."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +76,8 @@ class SVDTrainingArguments(TrainingArguments):
             raise ValueError(f"--prune_energy {self.prune_energy}: must be in (0, 1], e.g. 0.95.")
         if self.prune_budget is not None and not 0 < self.prune_budget < 1:
             raise ValueError(f"--prune_budget {self.prune_budget}: must be in (0, 1), e.g. 0.5.")
+        if self.prune_rank_multiple is not None and self.prune_rank_multiple < 1:
+            raise ValueError(f"--prune_rank_multiple {self.prune_rank_multiple}: must be >= 1 (1: no rounding).")
         if self.prune_energy is not None and self.prune_budget is not None:
             raise ValueError("Set only one of --prune_energy and --prune_budget.")
         if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
@@ -86,15 +92,18 @@ class SVDPruningCallback(TrainerCallback):
         at_step (`int`): The optimizer step after which to prune.
         energy (`float`, *optional*): Energy each layer keeps (see `prune_`).
         budget (`float`, *optional*): Global parameter fraction kept (see `prune_`).
+        rank_multiple (`int`, defaults to 1): Round the ranks up to a multiple of this (see `prune_`).
     """
 
-    def __init__(self, at_step: int, energy: float | None = None, budget: float | None = None) -> None:
-        self.at_step, self.energy, self.budget = at_step, energy, budget
+    def __init__(
+        self, at_step: int, energy: float | None = None, budget: float | None = None, rank_multiple: int = 1
+    ) -> None:
+        self.at_step, self.energy, self.budget, self.rank_multiple = at_step, energy, budget, rank_multiple
         self.ranks: dict[str, int] | None = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.at_step and model is not None:
-            self.ranks = prune_(model, energy=self.energy, budget=self.budget)
+            self.ranks = prune_(model, energy=self.energy, budget=self.budget, rank_multiple=self.rank_multiple)
             logger.info("Pruned at step %d: ranks %s", state.global_step, self.ranks)
             control.should_log = True
         return control
@@ -130,7 +139,8 @@ class SVDTrainer(Trainer):
         prune_at = getattr(self.args, "prune_at_step", None)
         if prune_at:
             energy, budget = self._pruning_target()
-            self.add_callback(SVDPruningCallback(prune_at, energy=energy, budget=budget))
+            multiple = _first_set(getattr(self.args, "prune_rank_multiple", None), self.svd_config.prune_rank_multiple)
+            self.add_callback(SVDPruningCallback(prune_at, energy=energy, budget=budget, rank_multiple=multiple))
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with the singular values in their own groups at a scaled learning rate."""

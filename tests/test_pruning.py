@@ -276,3 +276,51 @@ def test_pruning_keeps_largest_live_values_after_manual_masking():
     k = np_energy_rank(live, 0.9)
     assert ranks == {"blocks.0": k}
     assert layer.mask.tolist() == [False] + [True] * k + [False] * (11 - k)
+
+
+def _toy_factored(spectra: list[list[float]], dim: int = 40) -> nn.Module:
+    """A model of one SVDLinear per spectrum, with exactly that singular spectrum."""
+    model = nn.ModuleDict()
+    for i, values in enumerate(spectra):
+        layer = SVDLinear(dim, dim, len(values))
+        with torch.no_grad():
+            layer.U.copy_(torch.linalg.qr(torch.randn(dim, len(values))).Q)
+            layer.V.copy_(torch.linalg.qr(torch.randn(dim, len(values))).Q)
+            layer.s.copy_(torch.tensor(values))
+        model[f"l{i}"] = layer
+    return model
+
+
+def test_rank_multiple_rounds_energy_ranks_up():
+    torch.manual_seed(0)
+    values = [float(40 - i) for i in range(40)]
+    exact = prune_(_toy_factored([values]), energy=0.5)
+    rounded = prune_(_toy_factored([values]), energy=0.5, rank_multiple=8)
+    assert rounded["l0"] % 8 == 0 and exact["l0"] <= rounded["l0"] < exact["l0"] + 8
+
+
+def test_rank_multiple_keeps_the_budget():
+    torch.manual_seed(0)
+    model = _toy_factored([[2.0**-i for i in range(40)], [1.0] * 40, [float(40 - i) for i in range(40)]])
+    ranks = prune_(model, budget=0.4, rank_multiple=8)
+    assert all(r % 8 == 0 for r in ranks.values())
+    kept = sum(layer_params(40, 40, r) for r in ranks.values())
+    assert kept <= 0.4 * 3 * 40 * 40
+
+
+def test_rank_multiple_is_capped_by_the_live_count():
+    model = _toy_factored([[1.0] * 12])
+    assert prune_(model, energy=1.0, rank_multiple=8) == {"l0": 12}
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, True])
+def test_rank_multiple_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="rank_multiple"):
+        prune_(_toy_factored([[1.0] * 4]), energy=0.9, rank_multiple=bad)
+
+
+def test_rank_multiple_falls_back_to_exact_ranks_when_rounding_cannot_fit():
+    torch.manual_seed(0)
+    model = _toy_factored([[float(40 - i) for i in range(40)]] * 2)
+    ranks = prune_(model, budget=0.05, rank_multiple=8)  # rank 8 alone would keep 40% of a 40 x 40 layer
+    assert sum(layer_params(40, 40, r) for r in ranks.values()) <= 0.05 * 2 * 40 * 40
