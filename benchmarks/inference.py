@@ -32,8 +32,9 @@ are fractions of the parameter break-even `m n / (m + n)`, and prints the larges
 (`export.SPEED_BREAK_EVEN` is set from it).
 
 Rank alignment: MKL's GEMM writing `down(x)` is up to ~35% slower when the rank is not a multiple of 8 (the rows of
-the intermediate do not start on the 32-byte grid), which costs most at large batches. `--rank-multiple 8` lowers
-each rank chosen by `prune_` to a multiple of 8 before export, to show what aligned ranks give.
+the intermediate do not start on the 32-byte grid), which costs most at large batches. `prune_` therefore rounds
+ranks up to multiples of `--rank-multiple` (default 8, as `SVDConfig.prune_rank_multiple`) within the budget;
+`--rank-multiple 1` shows the unaligned ranks.
 
 Threads: `--threads 1` by default. On a machine whose few cores are shared with other jobs, a second OpenMP thread
 measures the scheduler, not the kernels: every matmul ends at a barrier that waits for a descheduled thread (on our
@@ -70,7 +71,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from hf_svd_compress import SVDConfig, prune_, save_compressed, svd_factorize_, svd_layers
+from hf_svd_compress import SVDConfig, prune_, save_compressed, svd_factorize_
 from hf_svd_compress.templates.modeling_svd_compressed import LowRankLinear
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,25 +157,11 @@ def compress(bench: Bench, budgets: Sequence[float], folder: Path, rank_multiple
     compressed = {}
     for budget in budgets:
         model = copy.deepcopy(factored)
-        prune_(model, budget=budget)
-        if rank_multiple > 1:
-            round_ranks_(model, rank_multiple)
-        path = save_compressed(model, folder / f"{bench.name}-{budget}", rank_selection={"budget": budget})
+        prune_(model, budget=budget, rank_multiple=rank_multiple)
+        selection = {"method": "budget", "budget": budget, "rank_multiple": rank_multiple}
+        path = save_compressed(model, folder / f"{bench.name}-{budget}", rank_selection=selection)
         compressed[budget] = bench.auto_class.from_pretrained(path, trust_remote_code=True).eval()
     return compressed
-
-
-@torch.no_grad()
-def round_ranks_(model: nn.Module, multiple: int) -> None:
-    """Lower each live rank to a multiple of `multiple` (ranks below it are kept), masking the smallest values."""
-    for layer in svd_layers(model).values():
-        keep = layer.rank // multiple * multiple
-        if keep == 0:
-            continue
-        live = torch.nonzero(layer.mask).flatten()
-        order = torch.argsort(layer.s.detach()[live].abs(), descending=True)
-        layer.mask.zero_()
-        layer.mask[live[order[:keep]]] = True
 
 
 # ---- measuring ----------------------------------------------------------------------------------------------------
@@ -418,8 +405,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rank-multiple",
         type=int,
-        default=1,
-        help="after prune_, lower each rank to a multiple of this (8: what aligned ranks would give, see above)",
+        default=8,
+        help="prune_(rank_multiple=...): ranks rounded up to a multiple of this within the budget (1: unaligned)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the module docstring)")
     parser.add_argument("--break-even", action="store_true", help="print the break-even table instead")
