@@ -65,7 +65,9 @@ def batch_data(batch: int, seq: int, steps: int, vocab: int) -> Dataset:
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 5).tolist()})
 
 
-def time_steps(model, svd: bool, data: Dataset, batch: int, steps: int, interval: int) -> list[tuple[float, float]]:
+def time_steps(
+    model, svd: bool, data: Dataset, batch: int, steps: int, interval: int = 1, probes: int = 0
+) -> list[tuple[float, float]]:
     timer = StepTimer()
     common = dict(
         output_dir=tempfile.mkdtemp(),
@@ -78,7 +80,7 @@ def time_steps(model, svd: bool, data: Dataset, batch: int, steps: int, interval
         use_cpu=not torch.cuda.is_available(),
     )
     if svd:
-        args = SVDTrainingArguments(**common, regularizer_interval=interval)
+        args = SVDTrainingArguments(**common, regularizer_interval=interval, orth_probes=probes)
         trainer = SVDTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
     else:
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[timer])
@@ -86,19 +88,26 @@ def time_steps(model, svd: bool, data: Dataset, batch: int, steps: int, interval
     return timer.times[1:]  # the first step includes warm-up work (and is a regularized one)
 
 
-def benchmark(name: str, batch: int, seq: int, steps: int, rounds: int, interval: int) -> dict:
+def benchmark(name: str, batch: int, seq: int, steps: int, rounds: int, variants: list[tuple[int, int]]) -> list[dict]:
+    """Dense and every `(regularizer_interval, orth_probes)` variant, taking turns in each round."""
     dense = build_model(name)
-    factored = svd_factorize_(build_model(name), SVDConfig(sparsity="hoyer", sparsity_weight=1e-3))
+    config = SVDConfig(sparsity="hoyer", sparsity_weight=1e-3)
+    factored = {v: svd_factorize_(build_model(name), config) for v in variants}
     data = batch_data(batch, seq, steps + 1, dense.config.vocab_size)
-    dense_times, svd_times = [], []
+    dense_times: list[tuple[float, float]] = []
+    svd_times: dict[tuple[int, int], list[tuple[float, float]]] = {v: [] for v in variants}
     for _ in range(rounds):
-        dense_times += time_steps(dense, False, data, batch, steps, interval)
-        svd_times += time_steps(factored, True, data, batch, steps, interval)
-    result = {"model": name, "tokens": batch * seq, "interval": interval}
-    for clock, i in (("wall", 0), ("cpu", 1)):
-        d, s = statistics.mean(t[i] for t in dense_times), statistics.mean(t[i] for t in svd_times)
-        result.update({f"dense_{clock}": d, f"svd_{clock}": s, f"ratio_{clock}": s / d})
-    return result
+        dense_times += time_steps(dense, False, data, batch, steps)
+        for (interval, probes), model in factored.items():
+            svd_times[interval, probes] += time_steps(model, True, data, batch, steps, interval, probes)
+    results = []
+    for (interval, probes), times in svd_times.items():
+        result = {"model": name, "tokens": batch * seq, "interval": interval, "probes": probes}
+        for clock, i in (("wall", 0), ("cpu", 1)):
+            d, s = statistics.mean(t[i] for t in dense_times), statistics.mean(t[i] for t in times)
+            result.update({f"dense_{clock}": d, f"svd_{clock}": s, f"ratio_{clock}": s / d})
+        results.append(result)
+    return results
 
 
 def main() -> None:
@@ -109,6 +118,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round (a multiple of every interval)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--intervals", type=int, nargs="+", default=[1, 4], help="regularizer_interval values")
+    parser.add_argument(
+        "--probes", type=int, nargs="+", default=[0, 16], help="orth_probes values (0: exact orthogonality loss)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     cli = parser.parse_args()
     if cli.threads:
@@ -116,15 +128,17 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     print(
-        "| model | tokens | reg every | dense s/step (wall, cpu) | SVD s/step (wall, cpu) | ratio wall | ratio cpu |"
+        "| model | tokens | reg every | orth probes | dense s/step (wall, cpu) | SVD s/step (wall, cpu) | ratio wall "
+        "| ratio cpu |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    variants = [(interval, probes) for interval in cli.intervals for probes in cli.probes]
     for name in cli.models:
-        for interval in cli.intervals:
-            r = benchmark(name, cli.batch, cli.seq, cli.steps, cli.rounds, interval)
+        for r in benchmark(name, cli.batch, cli.seq, cli.steps, cli.rounds, variants):
             print(
-                f"| {r['model']} | {r['tokens']} | {r['interval']} | {r['dense_wall']:.3f}, {r['dense_cpu']:.3f} | "
-                f"{r['svd_wall']:.3f}, {r['svd_cpu']:.3f} | {r['ratio_wall']:.2f} | {r['ratio_cpu']:.2f} |",
+                f"| {r['model']} | {r['tokens']} | {r['interval']} | {r['probes'] or 'exact'} | "
+                f"{r['dense_wall']:.3f}, {r['dense_cpu']:.3f} | {r['svd_wall']:.3f}, {r['svd_cpu']:.3f} | "
+                f"{r['ratio_wall']:.2f} | {r['ratio_cpu']:.2f} |",
                 flush=True,
             )
 

@@ -43,6 +43,9 @@ class SVDConfig:
             Modules never factored, with the same matching rules.
         orth_weight (`float`, defaults to 0.1):
             lambda_o, weight of the orthogonality loss `sum ||U^T U - I||_F^2 / r^2 + ||V^T V - I||_F^2 / r^2`.
+        orth_probes (`int`, defaults to 0):
+            0 computes the orthogonality loss exactly (`r^2 (m + n)` multiply-adds per layer); `p > 0` estimates it
+            without bias from `p` random probe vectors (Hutchinson, `2 p r (m + n)`), e.g. 16 at r = 384 or 768.
         sparsity (`str`, *optional*, defaults to `"hoyer"`):
             Singular-value sparsity regularizer: `"l1"`, `"hoyer"`, `"hoyer_square"` or `None`.
         sparsity_weight (`float`, defaults to 1e-3):
@@ -79,6 +82,9 @@ class SVDConfig:
         default=None, metadata={"help": "Modules never factored (same matching rules as target_modules)."}
     )
     orth_weight: float = field(default=0.1, metadata={"help": "lambda_o: weight of the orthogonality loss."})
+    orth_probes: int = field(
+        default=0, metadata={"help": "0: exact orthogonality loss; p > 0: unbiased estimate from p random probes."}
+    )
     sparsity: str | None = field(
         default="hoyer", metadata={"help": "Singular-value regularizer: 'l1', 'hoyer', 'hoyer_square' or None."}
     )
@@ -130,6 +136,10 @@ class SVDConfig:
         _check_fraction("prune_energy", self.prune_energy, closed_right=True)
         if self.prune_budget is not None:
             _check_fraction("prune_budget", self.prune_budget, closed_right=False)
+        if not (_is_positive_int(self.orth_probes) or (type(self.orth_probes) is int and self.orth_probes == 0)):
+            raise ValueError(
+                f"SVDConfig.orth_probes={self.orth_probes!r} must be an integer >= 0 (0: exact orthogonality loss)."
+            )
         if not _is_positive_int(self.prune_rank_multiple):
             raise ValueError(
                 f"SVDConfig.prune_rank_multiple={self.prune_rank_multiple!r} must be a positive integer (1: no "

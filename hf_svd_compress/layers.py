@@ -48,6 +48,7 @@ class SVDLinear(nn.Module):
         self.register_buffer("mask", torch.ones(rank, dtype=torch.bool, device=device))
         # Which regularizer terms forward() records, set by SVDTrainer; see `record_regularizers`.
         self.orth_enabled = False
+        self.orth_probes = 0  # > 0: randomized orthogonality estimate (see `orthogonality_loss`)
         self.sparsity_kind: str | None = None
         self.regularizer_terms: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -149,7 +150,7 @@ class SVDLinear(nn.Module):
         under gradient checkpointing (which runs after the sum) is never counted.
         """
         zero = torch.zeros((), device=self.s.device, dtype=torch.float32)
-        orth = orthogonality_loss(self.U, self.V, self.mask) if self.orth_enabled else zero
+        orth = orthogonality_loss(self.U, self.V, self.mask, self.orth_probes) if self.orth_enabled else zero
         sparsity = sparsity_loss(self.s, self.sparsity_kind, self.mask) if self.sparsity_kind else zero
         self.regularizer_terms.append((orth, sparsity))
 

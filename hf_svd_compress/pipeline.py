@@ -60,6 +60,7 @@ class PipelineArguments:
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         settings = {
             "orth_weight": args.orth_weight,
+            "orth_probes": args.orth_probes,
             "sparsity": None if args.sparsity == "none" else args.sparsity,
             "sparsity_weight": args.sparsity_weight,
             "prune_energy": args.prune_energy,

@@ -26,6 +26,10 @@ class SVDTrainingArguments(TrainingArguments):
     orth_weight: float | None = field(
         default=None, metadata={"help": "lambda_o, weight of the orthogonality loss. Unset: the model's SVDConfig."}
     )
+    orth_probes: int | None = field(
+        default=None,
+        metadata={"help": "0: exact orthogonality loss; p > 0: estimate from p random probes. Unset: the SVDConfig."},
+    )
     sparsity: str | None = field(
         default=None,
         metadata={"help": "Sparsity regularizer: 'l1', 'hoyer', 'hoyer_square' or 'none'. Unset: the SVDConfig."},
@@ -68,6 +72,8 @@ class SVDTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"--{name} {value}: must be >= 0 (0 disables the term).")
+        if self.orth_probes is not None and self.orth_probes < 0:
+            raise ValueError(f"--orth_probes {self.orth_probes}: must be >= 0 (0: exact orthogonality loss).")
         if not self.singular_value_lr_scale > 0:
             raise ValueError(f"--singular_value_lr_scale {self.singular_value_lr_scale}: must be > 0 (1 = no change).")
         if self.regularizer_interval < 1:
@@ -166,9 +172,11 @@ class SVDTrainer(Trainer):
         orth_w, kind, sparsity_w = self.regularizer_weights()
         interval = getattr(self.args, "regularizer_interval", 1)
         record = model.training and (orth_w or sparsity_w) and self.state.global_step % interval == 0
+        probes = _first_set(getattr(self.args, "orth_probes", None), self.svd_config.orth_probes)
         for layer in self._svd_layers:
             layer.regularizer_terms.clear()
             layer.orth_enabled = bool(record and orth_w)
+            layer.orth_probes = probes
             layer.sparsity_kind = kind if record else None
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if record:

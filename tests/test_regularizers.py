@@ -10,6 +10,7 @@ from conftest import bert_inputs, make_bert
 from hf_svd_compress import SVDConfig, SVDLinear, svd_factorize_, svd_layers
 from hf_svd_compress.regularizers import (
     gram_deviation,
+    gram_deviation_estimate,
     hoyer,
     hoyer_square,
     l1,
@@ -265,3 +266,71 @@ def test_bf16_layer_records_float32_terms():
     ((orth, sp),) = layer.regularizer_terms
     assert orth.dtype == sp.dtype == torch.float32
     assert sp.item() == pytest.approx(NP_SPARSITY["hoyer_square"](_np(layer.s)), rel=1e-5)
+
+
+# ---- randomized (Hutchinson) orthogonality estimate -----------------------------------------------------------
+
+
+def _near_orthonormal(d: int, r: int, noise: float = 0.05) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(d, r)).Q + noise * torch.randn(d, r)
+
+
+def test_orthogonality_estimate_is_unbiased():
+    torch.manual_seed(0)
+    A = _near_orthonormal(64, 48)
+    mask = torch.rand(48) > 0.3
+    for m in (None, mask):
+        exact = gram_deviation(A, m)
+        estimates = torch.stack([gram_deviation_estimate(A, 4, m) for _ in range(2000)])
+        assert abs(estimates.mean() - exact) < 0.03 * exact
+        assert estimates.std() > 0.01 * exact  # a real random estimate, not the exact value in disguise
+
+
+def test_orthogonality_estimate_gradient_is_unbiased():
+    torch.manual_seed(0)
+    A = _near_orthonormal(40, 32).requires_grad_()
+    (exact,) = torch.autograd.grad(gram_deviation(A), A)
+    total = torch.zeros_like(A)
+    for _ in range(2000):
+        total += torch.autograd.grad(gram_deviation_estimate(A, 4), A)[0]
+    mean = total / 2000
+    assert (mean - exact).norm() < 0.05 * exact.norm()
+
+
+def test_orthogonality_estimate_zero_for_orthonormal_and_ignores_masked_columns():
+    torch.manual_seed(0)
+    A = torch.linalg.qr(torch.randn(30, 20)).Q
+    assert gram_deviation_estimate(A, 3) < 1e-10
+    mask = torch.ones(20, dtype=torch.bool)
+    mask[5:] = False
+    B = A.clone()
+    B[:, 5:] = torch.randn(30, 15)  # garbage in the masked columns
+    assert gram_deviation_estimate(B, 3, mask) < 1e-10
+
+
+def test_orthogonality_loss_uses_the_estimate_only_when_cheaper():
+    torch.manual_seed(0)
+    U, V = _near_orthonormal(64, 32), _near_orthonormal(48, 32)
+    exact = orthogonality_loss(U, V)
+    assert orthogonality_loss(U, V, probes=16) == exact  # 2 p >= r: the exact value
+    assert orthogonality_loss(U, V, probes=4) != exact
+
+
+def test_trainer_with_orth_probes_logs_an_estimate_near_the_exact_value(tmp_path):
+    from hf_svd_compress import SVDTrainer, SVDTrainingArguments
+
+    torch.manual_seed(0)
+    model = svd_factorize_(make_bert(), SVDConfig(target_modules="all-linear", orth_probes=2))
+    for layer in svd_layers(model).values():
+        with torch.no_grad():
+            layer.U.add_(0.05 * torch.randn_like(layer.U))
+    exact = float(regularizer_totals(svd_layers(model).values(), None)[0])
+    args = SVDTrainingArguments(
+        tmp_path, max_steps=1, learning_rate=0.0, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no"
+    )
+    batch = bert_inputs(batch=4)
+    data = [{**{k: v[i] for k, v in batch.items()}, "labels": i % 2} for i in range(4)]
+    trainer = SVDTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    logged = next(e["orth_loss"] for e in trainer.state.log_history if "orth_loss" in e)
+    assert logged != pytest.approx(exact, rel=1e-6) and logged == pytest.approx(exact, rel=0.7)
