@@ -216,6 +216,7 @@ def load_factored_checkpoint(path: str | os.PathLike, device: torch.device | str
     arch = _transformers_class((config.architectures or [""])[0])
     tensors = _read_weights(folder)
     model = arch._from_config(config, dtype=_tensor_dtype(tensors))
+    tensors = _renamed_to_model_keys(model, tensors)
     modules = dict(model.named_modules())
     for name in stored["ranks"]:
         if name not in modules or f"{name}.s" not in tensors:
@@ -568,6 +569,27 @@ def _svd_state_dict(tensors: dict[str, torch.Tensor], low_rank: dict[str, int]) 
         if f"{name}.up.bias" in tensors:
             state[f"{name}.bias"] = tensors[f"{name}.up.bias"]
     return state
+
+
+def _renamed_to_model_keys(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's keys under the model's module names.
+
+    transformers 5 saves some architectures under legacy names (DINOv2 / ViT `attention.q_proj` is written as
+    `attention.attention.query`) and renames them in `from_pretrained`; this applies the same renamings. A renamed
+    key is taken when its module exists in `model` (factored keys such as `.U` and `.s` belong to a module too).
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    modules = {name for name, _ in model.named_modules()}
+    renamed = {}
+    for key, value in tensors.items():
+        new = key
+        for renaming in renamings:
+            new = renaming.rename_source_key(new)[0]
+        renamed[new if new.rpartition(".")[0] in modules else key] = value
+    return renamed
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
