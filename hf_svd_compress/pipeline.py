@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from .pruning import prune_, truncate_
 from .trainer import SVDTrainer, SVDTrainingArguments
 
 SUMMARY_FILE = "compression_summary.json"
+_ON = ("1", "true", "yes")
 
 
 @dataclass
@@ -106,8 +108,25 @@ def check_export_dir(pipeline_args: PipelineArguments, args: TrainingArguments) 
     return export_dir
 
 
+def check_unsharded(args: TrainingArguments) -> None:
+    """Refuse FSDP and DeepSpeed before any training: the pipeline truncates the model between stages in place.
+
+    Both wrap the model's modules in place (FSDP1 auto-wrap, FSDP2 `fully_shard`, ZeRO partitions), so slicing
+    `U`, `s`, `V` between two Trainers would corrupt the sharded state. `SVDTrainer` itself supports them.
+    """
+    from_env = [v for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if os.environ.get(v, "").lower() in _ON]
+    if args.fsdp or args.deepspeed or from_env:
+        raise ValueError(
+            "The compression pipeline (hf-svd-compress compress, recipes/) runs under DDP or in one process, not "
+            f"under FSDP or DeepSpeed (found: {from_env or 'fsdp/deepspeed in the training arguments'}): it prunes "
+            "and truncates the model between stages. Launch it with recipes/accelerate_configs/multi_gpu.yaml, or "
+            "use SVDTrainer with prune_at_step in your own script for sharded training (docs/howto.md)."
+        )
+
+
 def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> dict:
     """Run every stage and export; returns (and writes next to the export) a summary of what happened."""
+    check_unsharded(args)
     export_dir = check_export_dir(pipeline_args, args)
     config = pipeline_args.svd_config(args)
     model, summary = setup.model, {"accuracy": {}, "base_model": setup.base_model, "task": setup.task}

@@ -1,0 +1,44 @@
+"""Pipeline guards that run before any training (the stages themselves run end to end in test_cli/test_recipes)."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import TrainingArguments
+
+from hf_svd_compress.pipeline import PipelineArguments, check_unsharded
+from hf_svd_compress.trainer import SVDTrainingArguments
+
+
+def test_plain_and_ddp_runs_pass(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    check_unsharded(TrainingArguments(tmp_path, use_cpu=True))
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_accelerate_fsdp_or_deepspeed_is_refused_with_the_fix(tmp_path, monkeypatch, variable):
+    args = TrainingArguments(tmp_path, use_cpu=True)
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ValueError, match=f"{variable}.*multi_gpu.yaml"):
+        check_unsharded(args)
+
+
+def test_fsdp_in_the_training_arguments_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    args = TrainingArguments(tmp_path, use_cpu=True)
+    args.fsdp = ["full_shard"]  # set after __post_init__, which needs a GPU-capable accelerate state for FSDP
+    with pytest.raises(ValueError, match="not under FSDP or DeepSpeed"):
+        check_unsharded(args)
+
+
+def test_pipeline_arguments_build_the_svd_config(tmp_path):
+    args = SVDTrainingArguments(tmp_path, use_cpu=True, orth_probes=8, prune_budget=0.4, prune_rank_multiple=4)
+    config = PipelineArguments(target_modules="query,value").svd_config(args)
+    assert config.target_modules == ["query", "value"]
+    assert (config.orth_probes, config.prune_budget, config.prune_rank_multiple) == (8, 0.4, 4)
+    assert PipelineArguments(target_modules="re:.*query").svd_config(args).target_modules == ".*query"
+
+
+def test_negative_step_counts_are_refused():
+    with pytest.raises(ValueError, match="--svd_steps"):
+        PipelineArguments(svd_steps=-1)
