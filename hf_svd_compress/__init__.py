@@ -1,6 +1,7 @@
 """hf_svd_compress: compress Hugging Face Transformers models by SVD training."""
 
 from .config import DEFAULT_TARGET_MODULES, SVDConfig
+from .conv import SVDConv2d
 from .export import (
     CompressedFormatError,
     load_compressed,
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "NoTargetModulesError",
     "SVDConfig",
+    "SVDConv2d",
     "SVDLinear",
     "SVDPruningCallback",
     "SVDTrainer",

@@ -4,6 +4,8 @@ On disk (format version 1), a factored module `name` of rank `r` is two linear l
 (V diag(s))^T` [r, in] and `{name}.up.weight = U` [out, r] with `{name}.up.bias` the bias; a module whose rank saves
 no parameters keeps its dense `{name}.weight` (Conv1D layout for GPT-2 style layers). `config.json` is the base
 config with its own `model_type`, an `auto_map` to the generated modeling file, and the `svd_compression` metadata.
+A factored `nn.Conv2d` is two conv kernels instead (`SVDConv2d.factored_kernels`, dense: the conv's own `weight`),
+its geometry in `svd_compression["convs"]` (an optional entry: files without convs lack it).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
 
 from .config import SVDConfig
+from .conv import GEOMETRY_KEYS, SVDConv2d, conv_tensor_shapes
 from .factorize import CONFIG_KEY, _record_on_config, _replace, svd_layers
 from .hub import push_compressed_to_hub
 from .layers import SVDLinear, dense_weight
@@ -184,13 +187,21 @@ def load_compressed(
     model = arch._from_config(config, dtype=_tensor_dtype(tensors))
     dense = set(meta.get("dense_modules", []))
     low_rank = {n: int(r) for n, r in meta["ranks"].items() if n not in dense}
+    convs = meta.get("convs", {})  # factored nn.Conv2d geometry; absent from files without convs
     for name, rank in low_rank.items():
         out_features, in_features = meta["shapes"][name]
-        bias = f"{name}.up.bias" in tensors
-        _replace(model, name, SVDLinear(in_features, out_features, rank, bias, dtype=_tensor_dtype(tensors)))
-    _load_strict(model, _svd_state_dict(tensors, low_rank), folder)
+        bias, dtype = f"{name}.up.bias" in tensors, _tensor_dtype(tensors)
+        if name in convs:
+            _replace(model, name, SVDConv2d.from_geometry(convs[name], rank, bias, dtype=dtype))
+        else:
+            _replace(model, name, SVDLinear(in_features, out_features, rank, bias, dtype=dtype))
+    _load_strict(model, _svd_state_dict(tensors, low_rank, convs), folder)
     for name in dense:  # stored dense: refactor at the saved rank (the weight has that rank)
-        _replace(model, name, SVDLinear.from_linear(model.get_submodule(name), max_rank=int(meta["ranks"][name])))
+        module, rank = model.get_submodule(name), int(meta["ranks"][name])
+        if name in convs:
+            _replace(model, name, SVDConv2d.from_conv(module, convs[name]["mode"], max_rank=rank))
+        else:
+            _replace(model, name, SVDLinear.from_linear(module, max_rank=rank))
     svd_config = meta.get("svd_config")
     _attach_svd_config(model, SVDConfig.from_dict(svd_config) if svd_config else SVDConfig(sorted(meta["ranks"])))
     return model.to(device).eval() if device is not None else model.eval()
@@ -223,9 +234,13 @@ def load_factored_checkpoint(path: str | os.PathLike, device: torch.device | str
             raise CompressedFormatError(
                 f"{folder}: module {name!r} of svd_training is missing from the model or file."
             )
-        out_features, in_features = dense_weight(modules[name]).shape
         rank = tensors[f"{name}.s"].shape[0]  # the file's, in case the layer was truncated after factoring
-        layer = SVDLinear(in_features, out_features, rank, modules[name].bias is not None, dtype=model.dtype)
+        bias, geometry = modules[name].bias is not None, stored.get("convs", {}).get(name)
+        if geometry is not None:
+            layer = SVDConv2d.from_geometry(geometry, rank, bias, dtype=model.dtype)
+        else:
+            out_features, in_features = dense_weight(modules[name]).shape
+            layer = SVDLinear(in_features, out_features, rank, bias, dtype=model.dtype)
         _replace(model, name, layer)
     _load_strict(model, tensors, folder)
     model.svd_config = SVDConfig.from_dict(stored["config"])
@@ -258,6 +273,9 @@ def svd_to_lowrank_(model: nn.Module) -> nn.Module:
     After `merge_and_unload()`, `lowrank_to_svd_` turns the merged layers back into `SVDLinear`.
     """
     for name, layer in svd_layers(model).items():
+        if isinstance(layer, SVDConv2d):  # a LowRankConv2d: peft's LoRA wraps its down/up nn.Conv2d
+            _replace(model, name, layer.to_low_rank())
+            continue
         U, s, V = (t.detach().to(_work_dtype(t)) for t in layer.live_factors())
         low_rank = LowRankLinear(layer.in_features, layer.out_features, s.shape[0], layer.bias is not None)
         low_rank.to(device=layer.U.device, dtype=layer.U.dtype)
@@ -275,7 +293,7 @@ def lowrank_to_svd_(model: nn.Module) -> nn.Module:
     Exact up to float error, also after LoRA merged into `down`/`up`; records `svd_training` on the config so
     `SVDTrainer` and `save_compressed` accept the model. Returns the model.
     """
-    converted = [name for name, module in model.named_modules() if _is_low_rank(module)]
+    converted = [name for name, module in model.named_modules() if _is_low_rank(module) or _is_low_rank_conv(module)]
     for name, layer in factored_layers(model).items():
         if name in converted:
             _replace(model, name, layer)
@@ -292,6 +310,8 @@ def factored_layers(model: nn.Module) -> dict[str, SVDLinear]:
             layers[name] = module
         elif _is_low_rank(module):
             layers[name] = svd_from_low_rank(module.down.weight, module.up.weight, module.up.bias, orthonormal=True)
+        elif _is_low_rank_conv(module):
+            layers[name] = SVDConv2d.from_low_rank(module, orthonormal=True)
     return layers
 
 
@@ -318,6 +338,10 @@ def svd_from_low_rank(
         if param is not None:
             param.data.copy_(value)
     return layer
+
+
+def _is_low_rank_conv(module: nn.Module) -> bool:
+    return type(module).__name__ == "LowRankConv2d" and hasattr(module, "down") and hasattr(module, "up")
 
 
 def _is_low_rank(module: nn.Module) -> bool:
@@ -365,7 +389,14 @@ def _metadata(
         "base_config_class": config_cls.__name__,
         "base_model_class": _base_class(type(model.base_model)).__name__,
         "svd_config": _stored_svd_config(model).to_dict() if layers else None,
+        **_conv_metadata(layers),
     }
+
+
+def _conv_metadata(layers: dict[str, SVDLinear]) -> dict[str, Any]:
+    """`{"convs": {name: geometry}}` for the factored convs (nothing when there are none: files stay as before)."""
+    convs = {n: layer.geometry() for n, layer in layers.items() if isinstance(layer, SVDConv2d)}
+    return {"convs": convs} if convs else {}
 
 
 def _faster_factored(layer: SVDLinear, speed_break_even: float) -> bool:
@@ -383,6 +414,9 @@ def _export_tensors(
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     state = remove_tied_weights_from_state_dict(state, model)
     for name, layer in layers.items():
+        if isinstance(layer, SVDConv2d):
+            state.update(_conv_tensors(name, layer, dense or name in meta["dense_modules"]))
+            continue
         U, s, V = (t.detach().to(_work_dtype(t)) for t in layer.live_factors())
         bias = None if layer.bias is None else layer.bias.detach().clone()
         if dense or name in meta["dense_modules"]:
@@ -396,6 +430,18 @@ def _export_tensors(
         if bias is not None:
             state[prefix + "bias"] = bias
     return state
+
+
+def _conv_tensors(name: str, layer: SVDConv2d, dense: bool) -> dict[str, torch.Tensor]:
+    """A factored conv as two conv kernels `{name}.down.weight`, `{name}.up.weight` (+ `up.bias`), or dense."""
+    if dense:
+        tensors, prefix = {f"{name}.weight": layer.merged_kernel()}, f"{name}."
+    else:
+        down, up = layer.factored_kernels()
+        tensors, prefix = {f"{name}.down.weight": down, f"{name}.up.weight": up}, f"{name}.up."
+    if layer.bias is not None:
+        tensors[prefix + "bias"] = layer.bias.detach().clone()
+    return tensors
 
 
 def _write_weights(path: Path, tensors: dict[str, torch.Tensor], dense: bool) -> None:
@@ -467,6 +513,8 @@ def _original_types(model: nn.Module, names: list[str]) -> dict[str, type]:
 
 
 def _dense_layer(layer: SVDLinear, layer_type: type) -> nn.Module:
+    if isinstance(layer, SVDConv2d):
+        return layer.to_conv()
     linear = layer.to_linear()
     if layer_type is not Conv1D:
         return linear
@@ -537,6 +585,8 @@ def _check_metadata(config_dict: dict[str, Any], folder: Path) -> dict[str, Any]
         )
     missing = [key for key in _REQUIRED_METADATA if key not in meta]
     missing += [f"shapes[{name!r}]" for name in meta.get("ranks", {}) if name not in meta.get("shapes", {})]
+    convs = meta.get("convs", {})
+    missing += [f"convs[{n!r}][{k!r}]" for n, geometry in convs.items() for k in GEOMETRY_KEYS if k not in geometry]
     if missing:
         raise CompressedFormatError(f"{folder / 'config.json'}: `{METADATA_KEY}` lacks {', '.join(missing)}.")
     return meta
@@ -548,7 +598,11 @@ def _check_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], file:
     problems = []
     for name, rank in meta["ranks"].items():
         out_features, in_features = meta["shapes"][name]
-        if name in dense:
+        if name in meta.get("convs", {}):
+            conv = conv_tensor_shapes(meta["convs"][name], rank)
+            parts = {"weight": "dense"} if name in dense else {"down.weight": "down", "up.weight": "up"}
+            expected = {f"{name}.{key}": [conv[part]] for key, part in parts.items()}
+        elif name in dense:
             expected = {f"{name}.weight": [(out_features, in_features), (in_features, out_features)]}
         else:
             expected = {f"{name}.down.weight": [(rank, in_features)], f"{name}.up.weight": [(out_features, rank)]}
@@ -560,11 +614,18 @@ def _check_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], file:
         raise CompressedFormatError(f"{file} does not match its `{METADATA_KEY}` metadata: " + "; ".join(problems))
 
 
-def _svd_state_dict(tensors: dict[str, torch.Tensor], low_rank: dict[str, int]) -> dict[str, torch.Tensor]:
+def _svd_state_dict(
+    tensors: dict[str, torch.Tensor], low_rank: dict[str, int], convs: dict[str, dict] | None = None
+) -> dict[str, torch.Tensor]:
     """The file's tensors with each `down`/`up` pair turned into `U`, `s`, `V`, `bias`, `mask` (markers dropped)."""
     state = {k: v for k, v in tensors.items() if not k.startswith(tuple(n + "." for n in low_rank))}
+    convs = convs or {}
     for name in low_rank:
-        layer = svd_from_low_rank(tensors[f"{name}.down.weight"], tensors[f"{name}.up.weight"], None)
+        down, up = tensors[f"{name}.down.weight"], tensors[f"{name}.up.weight"]
+        if name in convs:
+            layer = SVDConv2d.from_kernels(down, up, None, convs[name])
+        else:
+            layer = svd_from_low_rank(down, up, None)
         state.update({f"{name}.{k}": v for k, v in layer.state_dict().items() if k != "bias"})
         if f"{name}.up.bias" in tensors:
             state[f"{name}.bias"] = tensors[f"{name}.up.bias"]

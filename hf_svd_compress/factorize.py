@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .config import SVDConfig
+from .conv import SVDConv2d, check_conv
 from .layers import FACTORABLE_TYPES, SVDLinear
 from .matching import find_targets
 from .parameterizations import factored_layer
@@ -20,6 +21,9 @@ def svd_factorize_(
 ) -> nn.Module:
     """Replace the target layers of `model` by their full-rank SVD (`SVDLinear`), in place.
 
+    An `nn.Conv2d` is factored too (as an `SVDConv2d`, in `config.conv_mode`) when `target_modules` names it;
+    `"all-linear"` selects linear layers only.
+
     Args:
         model (`nn.Module`): Usually a `PreTrainedModel`; any module works.
         config (`SVDConfig`, *optional*): What to factor; defaults to `SVDConfig()` (per-architecture targets).
@@ -31,8 +35,9 @@ def svd_factorize_(
         left alone, so calling it twice is safe. `model.svd_config` holds the config (the trainer reads it).
 
     Raises:
-        `NoTargetModulesError`: nothing matched. `TypeError`: a matched module is not a linear layer. Both are
-        raised before the model is changed.
+        `NoTargetModulesError`: nothing matched. `TypeError`: a matched module is not a linear layer or an
+        `nn.Conv2d`. `ValueError`: a matched conv cannot be factored (grouped, non-zero `padding_mode`, or a
+        `parameterization` other than "svd"). All are raised before the model is changed.
     """
     config = config or SVDConfig()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -42,12 +47,18 @@ def svd_factorize_(
     modules = dict(model.named_modules())
     if filter_fn is not None:
         names = [n for n in names if filter_fn(modules[n], n)]
-    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], layer_types)]
+    # nn.Conv2d is factored only when named: "all-linear" (in find_targets) stays linear layers only.
+    accepted = (*layer_types, nn.Conv2d)
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], accepted)]
     if wrong:
         raise TypeError(
-            f"target_modules={targets!r} matched modules that are not nn.Linear: {wrong[:5]}. Only linear layers "
-            "can be factored: target their linear sublayers by name (e.g. 'attention.self.query') or use 'all-linear'."
+            f"target_modules={targets!r} matched modules that are not nn.Linear or nn.Conv2d: {wrong[:5]}. Only "
+            "linear layers and 2D convolutions can be factored: target their linear sublayers by name (e.g. "
+            "'attention.self.query'), a conv by name (e.g. 'patch_embeddings.projection') or use 'all-linear'."
         )
+    for name in names:  # refuse a conv that cannot be factored before any layer is swapped
+        if isinstance(modules[name], nn.Conv2d):
+            check_conv(modules[name], config.conv_mode, config.parameterization, name)
     # Drop our references to the dense layers: each one must be freed as soon as it is swapped out, before the
     # next layer's SVD, so factoring never holds the dense and the factored model at once.
     del modules
@@ -83,4 +94,8 @@ def _record_on_config(model: nn.Module, config: SVDConfig) -> None:
     if hf_config is None:
         return
     ranks = {n: m.full_rank for n, m in svd_layers(model).items()}
-    setattr(hf_config, CONFIG_KEY, {"config": config.to_dict(), "ranks": ranks})
+    stored = {"config": config.to_dict(), "ranks": ranks}
+    convs = {n: m.geometry() for n, m in svd_layers(model).items() if isinstance(m, SVDConv2d)}
+    if convs:  # geometry of factored convs, for load_factored_checkpoint
+        stored["convs"] = convs
+    setattr(hf_config, CONFIG_KEY, stored)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from .config import SVDConfig
+from .conv import SVDConv2d, check_conv
 from .layers import SVDLinear
 
 
 def factored_layer(dense: nn.Module, config: SVDConfig) -> nn.Module:
-    """The factored layer that replaces `dense` (an `nn.Linear` or transformers `Conv1D`) under `config`.
+    """The factored layer that replaces `dense` (an `nn.Linear`, transformers `Conv1D` or `nn.Conv2d`) under `config`.
 
     Args:
         dense (`nn.Module`): The layer to factor.
@@ -20,6 +21,9 @@ def factored_layer(dense: nn.Module, config: SVDConfig) -> nn.Module:
         A module computing the same function as `dense` (up to float error) when no truncation is asked for.
     """
     kind = config.parameterization
+    if isinstance(dense, nn.Conv2d):
+        check_conv(dense, config.conv_mode, kind)  # only "svd" factors convolutions
+        return SVDConv2d.from_conv(dense, config.conv_mode, config.init_energy, config.init_max_rank)
     if kind == "svd":
         return SVDLinear.from_linear(dense, config.init_energy, config.init_max_rank)
     raise NotImplementedError(f"SVDConfig.parameterization={kind!r} is not available yet; use 'svd'.")

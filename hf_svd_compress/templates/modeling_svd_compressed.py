@@ -2,11 +2,13 @@
 
 Imports only torch and transformers, so `AutoModelFor<Task>.from_pretrained(folder, trust_remote_code=True)` rebuilds
 the model where `hf_svd_compress` is not installed. The model is the base architecture of transformers in which every
-layer listed in `config.svd_compression["ranks"]` (except `dense_modules`) is a `LowRankLinear` of that rank.
+layer listed in `config.svd_compression["ranks"]` (except `dense_modules`) is a `LowRankLinear` of that rank (a
+`LowRankConv2d` for a convolution listed in `svd_compression["convs"]`).
 """
 
 from __future__ import annotations
 
+import torch
 import transformers
 from torch import nn
 
@@ -43,6 +45,102 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
 
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def conv_stages(conv_mode: str, kernel_size, stride, padding, dilation) -> tuple[dict, dict]:
+    """`nn.Conv2d` keyword arguments (kernel_size, stride, padding, dilation) of the two convs of a factored conv.
+
+    Args:
+        conv_mode (`str`): `"channel"`: the original kh x kw conv down to rank r, then a 1x1 conv; `"spatial"`: a
+            kh x 1 conv with the height's stride/padding/dilation, then a 1 x kw conv with the width's.
+        kernel_size, stride, dilation (`int` or pair): The original conv's.
+        padding (`int`, pair or `"same"`): The original conv's; `"same"` stays `"same"` in both convs (exact: each
+            pads only the dimension its kernel spans, asymmetric for even kernels as in the original).
+
+    Returns:
+        `(down_kwargs, up_kwargs)`.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel_size), _pair(stride), _pair(dilation)
+    padding = padding if isinstance(padding, str) else _pair(padding)
+    if conv_mode == "channel":
+        down = {"kernel_size": (kh, kw), "stride": (sh, sw), "padding": padding, "dilation": (dh, dw)}
+        return down, {"kernel_size": (1, 1), "stride": (1, 1), "padding": (0, 0), "dilation": (1, 1)}
+    if conv_mode == "spatial":
+        pad_h, pad_w = (padding, padding) if isinstance(padding, str) else ((padding[0], 0), (0, padding[1]))
+        return (
+            {"kernel_size": (kh, 1), "stride": (sh, 1), "padding": pad_h, "dilation": (dh, 1)},
+            {"kernel_size": (1, kw), "stride": (1, sw), "padding": pad_w, "dilation": (1, dw)},
+        )
+    raise ValueError(f"conv_mode={conv_mode!r} is not supported: use 'channel' or 'spatial'.")
+
+
+class LowRankConv2d(nn.Module):
+    """A rank-`r` conv `y = up(down(x))`, the exported form of a factored `nn.Conv2d` (see `conv_stages`).
+
+    Channel-wise: `down` [r, in, kh, kw], `up` [out, r, 1, 1]; spatial-wise: `down` [r, in, kh, 1], `up`
+    [out, r, 1, kw]. `up` holds the original bias.
+
+    Args:
+        in_channels (`int`), out_channels (`int`): The original conv's channels.
+        kernel_size (`int` or pair): The original kernel.
+        rank (`int`): Inner channels `r`.
+        conv_mode (`str`, defaults to `"channel"`): `"channel"` or `"spatial"`.
+        stride, padding, dilation: The original conv's (padding: ints or `"same"`).
+        bias (`bool`, defaults to `True`): Whether `up` has a bias.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        rank: int,
+        conv_mode: str = "channel",
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels, self.rank, self.conv_mode = in_channels, out_channels, rank, conv_mode
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        down, up = conv_stages(conv_mode, kernel_size, stride, padding, dilation)
+        self.down = nn.Conv2d(in_channels, rank, bias=False, device=device, dtype=dtype, **down)
+        self.up = nn.Conv2d(rank, out_channels, bias=bias, device=device, dtype=dtype, **up)
+
+    @classmethod
+    def from_geometry(cls, geometry: dict, rank: int, bias: bool = True, device=None, dtype=None) -> LowRankConv2d:
+        """Build from a `svd_compression["convs"]` entry (`mode`, channels, kernel_size, stride, padding, dilation)."""
+        keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+        kwargs = {k: geometry[k] for k in keys}
+        return cls(rank=rank, conv_mode=geometry["mode"], bias=bias, device=device, dtype=dtype, **kwargs)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense kernel [out, in, kh, kw] that `up(down(x))` applies, composed on each access.
+
+        Architectures read it for its dtype (e.g. ViT casts `pixel_values` to the patch embedding's weight dtype).
+        """
+        up, down = self.up.weight, self.down.weight
+        if self.conv_mode == "channel":
+            return (up.flatten(1) @ down.flatten(1)).view(self.out_channels, self.in_channels, *self.kernel_size)
+        return torch.einsum("orw,rih->oihw", up[:, :, 0, :], down[..., 0])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, kernel_size={self.kernel_size}, "
+            f"rank={self.rank}, conv_mode={self.conv_mode!r}"
+        )
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
 def low_rank_modules(config) -> dict[str, int]:
     """`{module_name: rank}` of the layers stored as factors, read from `config.svd_compression`."""
     meta = getattr(config, METADATA_KEY, None)
@@ -58,12 +156,14 @@ def low_rank_modules(config) -> dict[str, int]:
 
 
 def install_low_rank_(model: nn.Module, config) -> list[str]:
-    """Replace the factored layers of `model` by empty `LowRankLinear`s of the stored rank; returns their names.
+    """Replace the factored layers of `model` by empty `LowRankLinear`s (`LowRankConv2d`s for the `convs` entries) of
+    the stored rank; returns their names.
 
     Names are those of the exported architecture; the base model (e.g. `AutoModel` on a classifier) sees them
     without the `base_model_prefix`, and has no head layers.
     """
     shapes = getattr(config, METADATA_KEY).get("shapes", {})
+    convs = getattr(config, METADATA_KEY).get("convs", {})  # factored nn.Conv2d layers (absent in older files)
     modules = dict(model.named_modules())
     prefix = model.base_model_prefix + "."
     installed = []
@@ -78,7 +178,10 @@ def install_low_rank_(model: nn.Module, config) -> list[str]:
         old = modules[target]
         out_features, in_features = shapes[name]
         weight = old.weight
-        new = LowRankLinear(in_features, out_features, rank, old.bias is not None, weight.device, weight.dtype)
+        if name in convs:
+            new = LowRankConv2d.from_geometry(convs[name], rank, old.bias is not None, weight.device, weight.dtype)
+        else:
+            new = LowRankLinear(in_features, out_features, rank, old.bias is not None, weight.device, weight.dtype)
         parent, _, child = target.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         installed.append(target)
@@ -115,7 +218,7 @@ class _LowRankMixin:
         """`PreTrainedModel.from_pretrained`, failing when a low-rank layer is missing from the checkpoint."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        low_rank = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+        low_rank = [n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankConv2d))]
         bad = sorted({n for n in low_rank for key in info["missing_keys"] if key.startswith(n + ".")})
         bad += sorted({n for n in low_rank for key, *_ in info["mismatched_keys"] if key.startswith(n + ".")})
         if bad:
