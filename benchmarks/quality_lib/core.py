@@ -93,17 +93,20 @@ def train(
     reg: RegConfig | None = None,
     sparsity_on: bool = False,
     s_lr_scale: float = 1.0,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place for `steps` optimizer steps; returns the wall time and the last logged losses.
 
     A dense model trains with the plain `Trainer`. A factored one trains with `SVDTrainer`: with `reg` None the
     factors train freely (classic low-rank fine-tuning, no regularizer); otherwise with `reg.orth_weight` and, if
     `sparsity_on`, the sparsity regularizer. `s_lr_scale` multiplies the learning rate of the singular values.
+    `seed` (default `settings.seed`) is the Trainer's seed: the order of the training batches and the dropout masks.
     """
     if steps <= 0:
         return {"steps": 0, "wall_s": 0.0}
     factored = bool(svd_layers(model))
-    args = _training_args(settings, steps, learning_rate, factored, reg, sparsity_on)
+    seed = settings.seed if seed is None else seed
+    args = _training_args(settings, steps, learning_rate, factored, reg, sparsity_on, seed)
     optimizer = _s_lr_optimizer(model, learning_rate, s_lr_scale) if s_lr_scale != 1 else None
     trainer_cls = SVDTrainer if factored else Trainer
     trainer = trainer_cls(
@@ -120,11 +123,23 @@ def train(
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = {k: logs[-1][k] for k in ("loss", "orth_loss", "sparsity_loss") if logs and k in logs[-1]}
     shutil.rmtree(args.output_dir, ignore_errors=True)
-    return {"steps": steps, "wall_s": round(wall, 1), "train_loss": output.training_loss, "last_log": last}
+    return {
+        "steps": steps,
+        "seed": seed,
+        "wall_s": round(wall, 1),
+        "train_loss": output.training_loss,
+        "last_log": last,
+    }
 
 
 def _training_args(
-    settings: Settings, steps: int, learning_rate: float, factored: bool, reg: RegConfig | None, sparsity_on: bool
+    settings: Settings,
+    steps: int,
+    learning_rate: float,
+    factored: bool,
+    reg: RegConfig | None,
+    sparsity_on: bool,
+    seed: int,
 ) -> TrainingArguments:
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="quality_"),
@@ -140,7 +155,7 @@ def _training_args(
         disable_tqdm=True,
         remove_unused_columns=False,  # the image transform needs the raw image column
         use_cpu=DEVICE == "cpu",
-        seed=settings.seed,
+        seed=seed,
     )
     if not factored:
         return TrainingArguments(**common)

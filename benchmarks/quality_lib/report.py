@@ -1,7 +1,14 @@
-"""The Markdown tables and the accuracy-vs-parameters plot of the quality benchmark."""
+"""The Markdown tables, the JSON summary and the accuracy-vs-parameters plot of the quality benchmark.
+
+Every method that trains after the dense model is run once per training seed; a table cell aggregates those runs
+(`Cell`): mean test accuracy and its sample standard deviation over the seeds. Comparisons use the means.
+"""
 
 from __future__ import annotations
 
+import math
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +21,103 @@ TASK_TITLES = {
 }
 TABLE_METHODS = ("dense", "dense_ft", "svd", "svd_ft", "asvd", "asvd_ft", "ours_pruned", "ours")
 DENSE_METHODS = ("dense", "dense_ft")
+# Results that depend on the training seed (ours_pruned through its regularized S stage).
+TRAINED_METHODS = ("dense_ft", "svd_ft", "asvd_ft", "ours_pruned", "ours")
+BASELINES = ("svd", "svd_ft", "asvd", "asvd_ft")
+GOAL_BUDGET = 0.5  # "within 1 point of dense" is asked at this budget
+GOAL_GAP = 0.01
+TOLERANCE = 1e-9  # means of the same accuracies computed over different seed counts differ by rounding
 
 
 def label(method: str) -> str:
     return METHOD_LABELS[method]
 
 
+@dataclass
+class Cell:
+    """The results of one method at one budget, one per training seed (one in all for the untrained methods).
+
+    Args:
+        method (`str`): Method key (`svd_ft`, `ours`, ...).
+        budget (`float`): Kept parameter fraction (1.0 for the dense rows).
+        rows (`list[dict]`): The stored results, each with its `seed` (None when it does not train).
+    """
+
+    method: str
+    budget: float
+    rows: list[dict[str, Any]]
+
+    @property
+    def accuracies(self) -> list[float]:
+        return [r["test"]["accuracy"] for r in self.rows]
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accuracies)
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation of the test accuracy over the seeds; None below two runs."""
+        return statistics.stdev(self.accuracies) if self.n > 1 else None
+
+    @property
+    def sem(self) -> float | None:
+        """Standard error of the mean; None below two runs."""
+        return None if self.std is None else self.std / math.sqrt(self.n)
+
+    @property
+    def params(self) -> float:
+        return statistics.fmean(r["params_total"] for r in self.rows)
+
+    @property
+    def file_bytes(self) -> float:
+        return statistics.fmean(r["file_bytes"] for r in self.rows)
+
+    def accuracy_text(self, seeds: int) -> str:
+        """`92.1 ± 1.2%` (mean ± std over the seeds), `(n=2)` appended when fewer than `seeds` runs are stored."""
+        text = f"{100 * self.mean:.1f}%"
+        if self.method in TRAINED_METHODS:
+            text = text if self.std is None else f"{100 * self.mean:.1f} ± {100 * self.std:.1f}%"
+            text += f" (n={self.n})" if self.n < seeds else ""
+        return text
+
+    def summary(self) -> dict[str, Any]:
+        """The cell for the JSON summary, with the per-seed values."""
+        return {
+            "method": self.method,
+            "label": label(self.method),
+            "budget": self.budget,
+            "seeds": [r["seed"] for r in self.rows],
+            "test_accuracy": self.accuracies,
+            "mean": self.mean,
+            "std": self.std,
+            "n": self.n,
+            "params_total": self.params,
+            "file_bytes": self.file_bytes,
+        }
+
+
+def cells(rows: list[dict[str, Any]]) -> dict[tuple[str, float], Cell]:
+    """The rows grouped by (method, budget), in table order."""
+    grouped: dict[tuple[str, float], Cell] = {}
+    for r in rows:
+        grouped.setdefault((r["method"], r["budget"]), Cell(r["method"], r["budget"], [])).rows.append(r)
+    order = {m: i for i, m in enumerate(TABLE_METHODS)}
+    return dict(sorted(grouped.items(), key=lambda item: (order[item[0][0]], -item[0][1])))
+
+
 def header(settings: Settings, rows: list[dict[str, Any]], config: RegConfig | None, chosen_by: str) -> list[str]:
-    """Title, settings and step counts of the table."""
+    """Title, settings, seeds and step counts of the table."""
     s = settings
     dense = next((r for r in rows if r["method"] == "dense"), None)
     sizes = ""
     if dense is not None:
         sizes = f" ({dense['val']['n']} validation / {dense['test']['n']} test examples)"
+    seeds = ", ".join(str(seed) for seed in s.seeds)
     lines = [
         f"## Quality vs size: {TASK_TITLES.get(s.task, s.task)}{sizes}",
         "",
@@ -35,6 +126,10 @@ def header(settings: Settings, rows: list[dict[str, Any]], config: RegConfig | N
         f"(lr {s.learning_rate:g}, linear decay, {s.warmup_ratio:.0%} warm-up): methods 3 and 4 fine-tune "
         f"{s.compressed_steps} steps after truncation; ours trains S = {s.svd_steps} regularized steps at full rank, "
         f"prunes, then fine-tunes F = {s.finetune_steps} steps (sparsity off, orthogonality kept).",
+        f"- Seeds: every method that trains after the dense model runs once per training seed ({seeds}: batch order "
+        "and dropout; for ours both the S and the F stage, so 5a depends on it too); its cells show the mean test "
+        "accuracy ± the sample standard deviation over the seeds, and the comparisons below use the means. The dense "
+        f"model (seed {s.seed}, which also fixes the data split) and the untrained rows 2 and 4a do not depend on it.",
     ]
     if config is not None:
         lines.append(
@@ -52,8 +147,8 @@ def header(settings: Settings, rows: list[dict[str, Any]], config: RegConfig | N
         "one global energy threshold for all layers (`prune_(model, budget=b)`), the same rule for every method "
         "(ASVD applies it to its activation-scaled spectra).",
         "- Params: every parameter stored in the exported `model.safetensors` (`save_compressed`, "
-        "`speed_break_even=1.0`, float32); size: that file's bytes.",
-        "- Ours trains its regularized model once per config and prunes a copy of it to each budget.",
+        "`speed_break_even=1.0`, float32; mean over the seeds); size: that file's bytes.",
+        "- Ours trains its regularized model once per config and seed and prunes a copy of it to each budget.",
         f"- ASVD: mean |x| per input channel over {s.calib_batches} calibration batches, alpha {s.asvd_alpha:g}; "
         "V columns renormalized after truncation.",
         "",
@@ -61,29 +156,45 @@ def header(settings: Settings, rows: list[dict[str, Any]], config: RegConfig | N
     return lines
 
 
-def pivot_table(rows: list[dict[str, Any]], budgets: tuple[float, ...]) -> list[str]:
-    """Method x budget: test accuracy, total parameters and file size."""
-    cells = {(r["method"], r["budget"]): r for r in rows}
+def pivot_table(table: dict[tuple[str, float], Cell], budgets: tuple[float, ...], seeds: int) -> list[str]:
+    """Method x budget: test accuracy (mean ± std over the seeds), total parameters and file size."""
     lines = [
         "| method | " + " | ".join(f"{b:.0%} budget" for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
     ]
     for method in DENSE_METHODS:
-        if (method, 1.0) in cells:
-            lines.append(f"| {label(method)} | {_cell(cells[method, 1.0])} (100%) |" + " |" * (len(budgets) - 1))
+        if (method, 1.0) in table:
+            cell = _cell(table[method, 1.0], seeds)
+            lines.append(f"| {label(method)} | {cell} (100%) |" + " |" * (len(budgets) - 1))
     for method in TABLE_METHODS[2:]:
-        found = [cells.get((method, b)) for b in budgets]
+        found = [table.get((method, b)) for b in budgets]
         if any(found):
-            lines.append(f"| {label(method)} | " + " | ".join(_cell(r) if r else "-" for r in found) + " |")
+            lines.append(f"| {label(method)} | " + " | ".join(_cell(c, seeds) if c else "-" for c in found) + " |")
+    return lines
+
+
+def per_seed_table(table: dict[tuple[str, float], Cell], seeds: tuple[int, ...]) -> list[str]:
+    """Test accuracy of every trained cell at each seed, with the mean and standard deviation."""
+    lines = [
+        "| method | budget | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean | std |",
+        "|---|---|" + "---|" * (len(seeds) + 2),
+    ]
+    for (method, budget), cell in table.items():
+        if method not in TRAINED_METHODS:
+            continue
+        by_seed = {r["seed"]: r["test"]["accuracy"] for r in cell.rows}
+        values = " | ".join(f"{100 * by_seed[seed]:.1f}" if seed in by_seed else "-" for seed in seeds)
+        std = "-" if cell.std is None else f"{100 * cell.std:.1f}"
+        lines.append(f"| {method} | {budget:.0%} | {values} | {100 * cell.mean:.1f} | {std} |")
     return lines
 
 
 def detail_table(rows: list[dict[str, Any]]) -> list[str]:
-    """One row per result: accuracy, realized budget, parameters, bytes, ranks, energy kept, steps, compute time."""
+    """One row per result and seed: accuracy, realized budget, parameters, bytes, ranks, energy, steps, compute."""
     lines = [
-        "| method | budget | test acc | realized budget | params | factored params | safetensors bytes | "
+        "| method | budget | seed | test acc | realized budget | params | factored params | safetensors bytes | "
         "mean rank | energy kept | train steps | compute s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         energy = f"{r['energy_kept']:.3f}" if r.get("energy_kept") is not None else "-"
@@ -95,20 +206,104 @@ def detail_table(rows: list[dict[str, Any]]) -> list[str]:
             compute = f"{compute:.0f} + {r['regularized']['train']['wall_s']:.0f} (shared)"
         else:
             compute = f"{compute:.0f}"
+        seed = "-" if r.get("seed") is None else r["seed"]
         lines.append(
-            f"| {r['method']} | {r['budget']:.0%} | {r['test']['accuracy']:.4f} | {r['budget_realized']:.3f} | "
-            f"{r['params_total']:,} | {r['params_factored']:,} | {r['file_bytes']:,} | "
+            f"| {r['method']} | {r['budget']:.0%} | {seed} | {r['test']['accuracy']:.4f} | "
+            f"{r['budget_realized']:.3f} | {r['params_total']:,} | {r['params_factored']:,} | {r['file_bytes']:,} | "
             f"{rank} | {energy} | {steps} | {compute} |"
         )
     return lines
 
 
-def sweep_table(results: list[dict[str, Any]], best: RegConfig | None, budget: float) -> list[str]:
-    """One row per regularizer config of the sweep at `budget`."""
+def goals(table: dict[tuple[str, float], Cell], budgets: tuple[float, ...]) -> list[dict[str, Any]]:
+    """Ours (5) against the strongest baseline at each budget, and against dense, on the mean test accuracies.
+
+    Returns:
+        `list[dict]`: Per budget with a result of ours: its mean, the strongest baseline (highest mean of rows 2-4),
+        the difference of the means with its standard error (`None` unless both sides have two or more seeds),
+        whether ours is at least as accurate as every baseline, and (at `GOAL_BUDGET`) whether it is within
+        `GOAL_GAP` of dense.
+    """
+    dense = table.get(("dense", 1.0))
+    found = []
+    for budget in budgets:
+        ours = table.get(("ours", budget))
+        baselines = [table[m, budget] for m in BASELINES if (m, budget) in table]
+        if ours is None or not baselines:
+            continue
+        best = max(baselines, key=lambda c: c.mean)
+        sems = (ours.sem, best.sem)
+        entry = {
+            "budget": budget,
+            "ours_mean": ours.mean,
+            "best_baseline": best.method,
+            "best_baseline_mean": best.mean,
+            "difference": ours.mean - best.mean,
+            "difference_se": None if None in sems else math.hypot(*sems),
+            "beats_every_baseline": ours.mean >= best.mean - TOLERANCE,
+        }
+        if dense is not None and math.isclose(budget, GOAL_BUDGET):
+            entry["gap_to_dense"] = dense.mean - ours.mean
+            entry["within_1_point_of_dense"] = dense.mean - ours.mean <= GOAL_GAP + TOLERANCE
+        found.append(entry)
+    return found
+
+
+def goals_table(found: list[dict[str, Any]], seeds: int) -> list[str]:
+    """The goals of `goals` as Markdown."""
+    if not found:
+        return []
+    lines = [
+        f"### Goals, on the mean test accuracy over {seeds} seed(s)",
+        "",
+        "| budget | ours (5) | strongest baseline | ours - baseline (± s.e.) | >= every baseline | "
+        "within 1 point of dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g in found:
+        se = "" if g["difference_se"] is None else f" ± {100 * g['difference_se']:.1f}"
+        dense = "-"
+        if "gap_to_dense" in g:
+            dense = f"{_yes(g['within_1_point_of_dense'])} ({_signed(-g['gap_to_dense'])})"
+        lines.append(
+            f"| {g['budget']:.0%} | {100 * g['ours_mean']:.1f}% | {label(g['best_baseline'])}: "
+            f"{100 * g['best_baseline_mean']:.1f}% | {_signed(g['difference'])}{se} | "
+            f"{_yes(g['beats_every_baseline'])} | {dense} |"
+        )
+    lines += [
+        "",
+        "s.e.: standard error of the difference of the two means, sqrt(sd_a^2 / n_a + sd_b^2 / n_b); a difference "
+        "within about two of them is not distinguishable from the seed noise.",
+        "",
+    ]
+    return lines
+
+
+def summary(
+    settings: Settings,
+    table: dict[tuple[str, float], Cell],
+    found: list[dict[str, Any]],
+    config: RegConfig | None,
+) -> dict[str, Any]:
+    """The JSON summary: settings, seeds, ours' config, every cell with its per-seed values, the goals."""
+    return {
+        "task": settings.task,
+        "seed": settings.seed,
+        "seeds": list(settings.seeds),
+        "budgets": list(settings.budgets),
+        "config": config,
+        "cells": [cell.summary() for cell in table.values()],
+        "goals": found,
+    }
+
+
+def sweep_table(results: list[dict[str, Any]], best: RegConfig | None, budget: float, seed: int) -> list[str]:
+    """One row per regularizer config of the sweep at `budget` (single training seed `seed`)."""
     if not results:
         return []
     lines = [
-        f"### Sweep of the regularizer weights (ours at {budget:.0%}; chosen on validation accuracy, then loss)",
+        f"### Sweep of the regularizer weights (ours at {budget:.0%}, training seed {seed} only; chosen on validation "
+        "accuracy, then loss; the chosen config is then run at every seed)",
         "",
         "| orth_weight | sparsity_weight | s lr x | val acc | val loss | test acc | pruned test acc | energy kept | "
         "S-stage s |",
@@ -135,7 +330,7 @@ def compute_summary(rows: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> 
         total = sum(
             r["train"]["wall_s"] + r.get("eval_export_s", 0.0) + r["regularized"]["train"]["wall_s"] for r in sweep
         )
-        lines.append(f"- Sweep ({len(sweep)} configs at one budget): {total / 60:.1f} min.")
+        lines.append(f"- Sweep ({len(sweep)} configs at one budget and seed): {total / 60:.1f} min.")
     return lines
 
 
@@ -147,10 +342,13 @@ PLOT_STYLES = {
     "ours_pruned": ("tab:green", "^", ":"),
     "ours": ("tab:green", "^", "-"),
 }
+# Horizontal shift (millions of parameters) of the methods with error bars, so that bars at one budget stay apart.
+PLOT_DODGE = {"svd_ft": -0.12, "asvd_ft": -0.04, "ours_pruned": 0.04, "ours": 0.12}
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Test accuracy vs total parameters, one line per method over the budgets, dense as a reference.
+def plot(table: dict[tuple[str, float], Cell], path: Path, title: str) -> Path:
+    """Mean test accuracy vs total parameters, one line per method over the budgets (error bars: the standard
+    deviation over the seeds), dense as a reference.
 
     Left: every result; right: zoomed on the methods that train (untrained truncation can fall far below).
     """
@@ -161,14 +359,15 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     for ax in axes:
-        _plot_methods(ax, rows)
+        _plot_methods(ax, table)
         ax.set_xlabel("parameters stored (millions)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%): mean over the seeds, bars ± std")
         ax.grid(alpha=0.3)
-    trained = [100 * r["test"]["accuracy"] for r in rows if r["method"] in ("svd_ft", "asvd_ft", "ours", "dense")]
-    trained += [100 * r["test"]["accuracy"] for r in rows if r["method"] == "dense_ft"]
+    trained = [c for c in table.values() if c.method in ("svd_ft", "asvd_ft", "ours", "dense", "dense_ft")]
     if trained:
-        axes[1].set_ylim(min(trained) - 2, max(trained) + 1)
+        low = min(100 * (c.mean - (c.std or 0.0)) for c in trained)
+        high = max(100 * (c.mean + (c.std or 0.0)) for c in trained)
+        axes[1].set_ylim(low - 2, high + 1)
     axes[0].set_title(title, fontsize=10)
     axes[1].set_title("zoom on the methods that train", fontsize=10)
     axes[0].legend(fontsize=8, loc="lower right")
@@ -178,16 +377,17 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def _plot_methods(ax: Any, rows: list[dict[str, Any]]) -> None:
+def _plot_methods(ax: Any, table: dict[tuple[str, float], Cell]) -> None:
     for method, (color, marker, line) in PLOT_STYLES.items():
+        dodge = PLOT_DODGE.get(method, 0.0)
         points = sorted(
-            (r["params_total"] / 1e6, 100 * r["test"]["accuracy"], r["budget"]) for r in rows if r["method"] == method
+            (c.params / 1e6 + dodge, 100 * c.mean, 100 * (c.std or 0.0)) for c in table.values() if c.method == method
         )
         if not points:
             continue
-        xs, ys, _ = zip(*points)
-        ax.plot(xs, ys, marker=marker, linestyle=line, color=color, label=label(method))
-    for x, b in sorted({(r["params_total"] / 1e6, r["budget"]) for r in rows if r["method"] == "svd_ft"}):
+        xs, ys, errs = zip(*points)
+        ax.errorbar(xs, ys, yerr=errs, marker=marker, linestyle=line, color=color, capsize=3, label=label(method))
+    for x, b in sorted({(c.params / 1e6, c.budget) for c in table.values() if c.method == "svd_ft"}):
         ax.annotate(
             f"{b:.0%} budget",
             (x, 1),
@@ -199,14 +399,35 @@ def _plot_methods(ax: Any, rows: list[dict[str, Any]]) -> None:
             color="dimgray",
         )
     for method, fill in (("dense", "black"), ("dense_ft", "none")):
-        dense = next((r for r in rows if r["method"] == method), None)
-        if dense is None:
+        cell = table.get((method, 1.0))
+        if cell is None:
             continue
-        x, y = dense["params_total"] / 1e6, 100 * dense["test"]["accuracy"]
+        x, y = cell.params / 1e6, 100 * cell.mean
         if method == "dense":
             ax.axhline(y, color="black", linestyle="--", linewidth=0.8)
-        ax.plot([x], [y], marker="*", markersize=14, color="black", mfc=fill, linestyle="none", label=label(method))
+        ax.errorbar(
+            [x],
+            [y],
+            yerr=[100 * (cell.std or 0.0)],
+            marker="*",
+            markersize=14,
+            color="black",
+            mfc=fill,
+            linestyle="none",
+            capsize=3,
+            label=label(method),
+        )
 
 
-def _cell(r: dict[str, Any]) -> str:
-    return f"{100 * r['test']['accuracy']:.1f}% · {r['params_total'] / 1e6:.2f} M · {r['file_bytes'] / 1e6:.1f} MB"
+def _cell(cell: Cell, seeds: int) -> str:
+    return f"{cell.accuracy_text(seeds)} · {cell.params / 1e6:.2f} M · {cell.file_bytes / 1e6:.1f} MB"
+
+
+def _signed(fraction: float) -> str:
+    """A difference of accuracies in points, signed, without a negative zero."""
+    points = round(100 * fraction, 1) + 0.0
+    return f"{points:+.1f}"
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"

@@ -64,7 +64,12 @@ class RegConfig:
 
 @dataclass
 class Settings:
-    """Everything that decides a result; see `preset` for the values of each task."""
+    """Everything that decides a result; see `preset` for the values of each task.
+
+    `seed` seeds the data split and the dense model (the common starting point of every method); `seeds` are the
+    training seeds (data order, dropout) of every method that trains after it, each run once per seed. Results of
+    the training seed equal to `seed` keep their unsuffixed cache names, the others get `@seed<N>`.
+    """
 
     task: str = "minilm"
     budgets: tuple[float, ...] = (0.7, 0.5, 0.3)
@@ -72,6 +77,7 @@ class Settings:
     batch_size: int = 16
     eval_batch_size: int = 64
     seed: int = 42
+    seeds: tuple[int, ...] = (42, 43, 44)
     dense_steps: int = 150
     dense_learning_rate: float = 1e-4
     learning_rate: float = 1e-4
@@ -89,13 +95,23 @@ class Settings:
     default_config: RegConfig = field(default_factory=RegConfig)
     sweep: tuple[RegConfig, ...] = ()
 
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds}: give one or more distinct training seeds, e.g. --seeds 42 43 44.")
+
     @property
     def compressed_steps(self) -> int:
         """Training steps of every method that trains after the dense model: S + F."""
         return self.svd_steps + self.finetune_steps
 
-    def fingerprint(self, part: str) -> dict[str, Any]:
-        """The settings a result of `part` (`dense`, `svd`, `svd_ft`, `asvd_ft`, `ours`) depends on."""
+    def fingerprint(self, part: str, seed: int | None = None) -> dict[str, Any]:
+        """The settings a result of `part` (`dense`, `svd`, `svd_ft`, `asvd_ft`, `ours`) depends on.
+
+        Args:
+            part (`str`): The kind of result.
+            seed (`int`, *optional*): Its training seed; recorded (as `train_seed`) only when it differs from
+                `self.seed`, so that the results made before `seeds` existed keep their fingerprints.
+        """
         keys = ["task", "max_length", "batch_size", "seed", "dense_steps", "dense_learning_rate", "max_examples"]
         if self.task == "dinov2":
             keys += ["image_size", "train_size", "eval_size", "test_size"]
@@ -103,7 +119,12 @@ class Settings:
             keys += ["learning_rate", "svd_steps", "finetune_steps", "warmup_ratio"]
         if part == "asvd_ft":
             keys += ["calib_batches", "asvd_alpha"]
-        return {k: getattr(self, k) for k in keys}
+        found = {k: getattr(self, k) for k in keys}
+        return found if seed is None or seed == self.seed else {**found, "train_seed": seed}
+
+    def seed_tag(self, seed: int) -> int | None:
+        """`seed` for the cache names of a result trained with it, None for `self.seed` (the historical names)."""
+        return None if seed == self.seed else seed
 
 
 def preset(task: str) -> Settings:
@@ -125,6 +146,7 @@ def preset(task: str) -> Settings:
             finetune_steps=2,
             calib_batches=2,
             max_examples=60,
+            seeds=(42,),
             sweep=(RegConfig(0.1, 1e-3), RegConfig(0.01, 1e-2, s_lr_scale=10.0)),
         )
     if task == "dinov2":
@@ -176,7 +198,7 @@ class ResultCache:
         data = {**result, "settings": _jsonable(fingerprint)}
         path = self.path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2, default=_default))
+        path.write_text(to_json(data))
         self.fresh.add(name)
         return json.loads(path.read_text())
 
@@ -186,10 +208,18 @@ class ResultCache:
         return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
-def result_name(method: str, budget: float | None = None, config: RegConfig | None = None) -> str:
-    """File stem of a result, e.g. `ours@50@o0.1_hoyer0.001_slr1`."""
+def result_name(
+    method: str, budget: float | None = None, config: RegConfig | None = None, seed: int | None = None
+) -> str:
+    """File stem of a result, e.g. `ours@50@o0.1_hoyer0.001_slr1` or, trained with seed 43, `...@seed43`."""
     name = method if budget is None else f"{method}@{round(budget * 100)}"
-    return name if config is None else f"{name}@{config.key}"
+    name = name if config is None else f"{name}@{config.key}"
+    return name if seed is None else f"{name}@seed{seed}"
+
+
+def to_json(data: Any) -> str:
+    """`data` as indented JSON; dataclasses become dicts, paths strings, NaN null."""
+    return json.dumps(data, indent=2, default=_default)
 
 
 def _default(value: Any) -> Any:

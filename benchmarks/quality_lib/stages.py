@@ -61,10 +61,16 @@ class Bench:
     def fresh_dense(self) -> torch.nn.Module:
         return copy.deepcopy(self.setup().model)
 
-    def fingerprint(self, part: str, **extra: Any) -> dict[str, Any]:
-        """Settings of `part`, plus the creation time of the dense model it starts from."""
+    def fingerprint(self, part: str, seed: int | None = None, **extra: Any) -> dict[str, Any]:
+        """Settings of `part` trained with `seed`, plus the creation time of the dense model it starts from."""
         dense = self.cache.load("dense", self.settings.fingerprint("dense"), ignore_force=True)
-        return {**self.settings.fingerprint(part), "dense_created": dense and dense["created"], **extra}
+        return {**self.settings.fingerprint(part, seed), "dense_created": dense and dense["created"], **extra}
+
+    def name(
+        self, method: str, budget: float | None = None, config: RegConfig | None = None, seed: int | None = None
+    ) -> str:
+        """Cache name of a result; `seed` None (untrained) or `settings.seed` keeps the historical name."""
+        return result_name(method, budget, config, None if seed is None else self.settings.seed_tag(seed))
 
     def cached(self, name: str, fingerprint: dict[str, Any], splits: tuple[str, ...]) -> dict[str, Any] | None:
         result = self.cache.load(name, fingerprint)
@@ -100,28 +106,29 @@ class Bench:
         setup.model.save_pretrained(self.dense_dir)
         if setup.processing_class is not None:
             setup.processing_class.save_pretrained(self.dense_dir)
-        result = self._dense_result("dense", setup.model, setup, ("val", "test"), training)
+        result = self._dense_result("dense", "dense", setup.model, setup, ("val", "test"), training)
         self._setup = None  # later stages load the saved model
         return self.cache.save("dense", fingerprint, result)
 
-    def run_dense_control(self) -> dict[str, Any]:
-        """Control: the dense model trained S + F more steps, as the compressed ones are (the noise of training)."""
-        name, fingerprint = "dense_ft", self.fingerprint("svd_ft")
+    def run_dense_control(self, seed: int) -> dict[str, Any]:
+        """Control: the dense model trained S + F more steps with `seed`, as the compressed ones are (the noise of
+        training)."""
+        name, fingerprint = self.name("dense_ft", seed=seed), self.fingerprint("svd_ft", seed)
         cached = self.cached(name, fingerprint, ("test",))
         if cached is not None:
             log(f"{name}: cached")
             return cached
         steps = self.settings.compressed_steps
-        log(f"{name}: training the dense model {steps} more steps")
+        log(f"{name}: training the dense model {steps} more steps (seed {seed})")
         model = self.fresh_dense()
-        training = train(model, self.setup(), self.settings, steps, self.settings.learning_rate)
-        result = self._dense_result(name, model, self.setup(), ("test",), training)
-        return self.cache.save(name, fingerprint, result)
+        training = train(model, self.setup(), self.settings, steps, self.settings.learning_rate, seed=seed)
+        result = self._dense_result(name, "dense_ft", model, self.setup(), ("test",), training)
+        return self.cache.save(name, fingerprint, {**result, "seed": seed})
 
     def _dense_result(
-        self, name: str, model: torch.nn.Module, setup: TaskSetup, splits: tuple[str, ...], training: dict
+        self, name: str, method: str, model: torch.nn.Module, setup: TaskSetup, splits: tuple[str, ...], training: dict
     ) -> dict[str, Any]:
-        result = {"name": name, "method": name, "budget": 1.0, "train": training}
+        result = {"name": name, "method": method, "budget": 1.0, "train": training}
         result.update(evaluate_splits(model, setup, self.settings, splits))
         result.update(file_stats(self.dense_dir / "model.safetensors"))  # same architecture, same size
         dense_params = _target_params(model)
@@ -133,8 +140,9 @@ class Bench:
     # ---------------------------------------------------------------------------------------------- baselines
 
     def run_baselines(self) -> None:
-        """Methods 2-4 at every budget, and the dense control."""
-        self.run_dense_control()
+        """Methods 2-4 at every budget, and the dense control; the trained ones at every seed."""
+        for seed in self.settings.seeds:
+            self.run_dense_control(seed)
         for budget in self.settings.budgets:
             self.run_svd(budget)
             self.run_asvd(budget)
@@ -158,11 +166,14 @@ class Bench:
         factorize: Callable[[torch.nn.Module], Any],
         after_truncate: Callable[[torch.nn.Module], Any] | None = None,
     ) -> None:
-        names = {"plain": result_name(method, budget), "ft": result_name(f"{method}_ft", budget)}
-        prints = {"plain": self.baseline_fingerprint(method), "ft": self.baseline_fingerprint(f"{method}_ft")}
-        todo = [k for k in names if self.cached(names[k], prints[k], ("test",)) is None]
-        if not todo:
-            log(f"{names['plain']}, {names['ft']}: cached")
+        """The untrained result (seed-independent) and one fine-tuned result per seed, from one truncation."""
+        plain, plain_print = self.name(method, budget), self.baseline_fingerprint(method)
+        ft = {seed: self.name(f"{method}_ft", budget, seed=seed) for seed in self.settings.seeds}
+        ft_prints = {seed: self.baseline_fingerprint(f"{method}_ft", seed) for seed in self.settings.seeds}
+        do_plain = self.cached(plain, plain_print, ("test",)) is None
+        seeds = [seed for seed in ft if self.cached(ft[seed], ft_prints[seed], ("test",)) is None]
+        if not do_plain and not seeds:
+            log(f"{plain}, {', '.join(ft.values())}: cached")
             return
         start = time.perf_counter()
         model = factorize(self.fresh_dense())
@@ -172,14 +183,16 @@ class Bench:
         if after_truncate is not None:
             after_truncate(model)
         info = {"budget": budget, "energy_kept": energy}
-        if "plain" in todo:
+        if do_plain:
             info_plain = {**info, "method": method, "train": {"steps": 0, "wall_s": 0.0}}
-            self.record(names["plain"], prints["plain"], model, ("test",), **info_plain)
-        if "ft" in todo:
-            steps = self.settings.compressed_steps
-            log(f"{names['ft']}: fine-tuning {steps} steps")
-            training = train(model, self.setup(), self.settings, steps, self.settings.learning_rate)
-            self.record(names["ft"], prints["ft"], model, ("test",), **info, method=f"{method}_ft", train=training)
+            self.record(plain, plain_print, model, ("test",), **info_plain)
+        steps = self.settings.compressed_steps
+        for i, seed in enumerate(seeds):
+            tuned = model if i == len(seeds) - 1 else copy.deepcopy(model)  # every seed starts from the truncation
+            log(f"{ft[seed]}: fine-tuning {steps} steps (seed {seed})")
+            training = train(tuned, self.setup(), self.settings, steps, self.settings.learning_rate, seed=seed)
+            info_ft = {**info, "method": f"{method}_ft", "seed": seed, "train": training}
+            self.record(ft[seed], ft_prints[seed], tuned, ("test",), **info_ft)
         log(f"{method} @ {budget:.0%}: {time.perf_counter() - start:.0f} s")
 
     def asvd_scales(self) -> dict[str, torch.Tensor]:
@@ -201,19 +214,21 @@ class Bench:
 
     # --------------------------------------------------------------------------------------------------- ours
 
-    def regularized_dir(self, config: RegConfig) -> Path:
-        return self.root / "regularized" / config.key
+    def regularized_dir(self, config: RegConfig, seed: int) -> Path:
+        tag = self.settings.seed_tag(seed)
+        return self.root / "regularized" / (config.key if tag is None else f"{config.key}@seed{tag}")
 
-    def run_regularized(self, config: RegConfig) -> dict[str, Any]:
-        """SVD training with both regularizers for `svd_steps` steps, saved once and pruned to every budget."""
-        name = result_name("regularized", None, config)
-        fingerprint = self.fingerprint("ours", config=config)
+    def run_regularized(self, config: RegConfig, seed: int) -> dict[str, Any]:
+        """SVD training with both regularizers for `svd_steps` steps with `seed`, saved once and pruned to every
+        budget."""
+        name = self.name("regularized", None, config, seed)
+        fingerprint = self.fingerprint("ours", seed, config=config)
         cached = self.cache.load(name, fingerprint)
-        folder = self.regularized_dir(config)
+        folder = self.regularized_dir(config, seed)
         if cached is not None and (folder / REGULARIZED_FILE).is_file():
             return cached
         s = self.settings
-        log(f"ours [{config.label}]: SVD training {s.svd_steps} steps with the regularizers")
+        log(f"ours [{config.label}]: SVD training {s.svd_steps} steps with the regularizers (seed {seed})")
         model = self.fresh_dense()
         svd_factorize_(model, _svd_config(config))
         training = train(
@@ -225,52 +240,60 @@ class Bench:
             config,
             sparsity_on=True,
             s_lr_scale=config.s_lr_scale,
+            seed=seed,
         )
         folder.mkdir(parents=True, exist_ok=True)
         # The state dict under the in-memory names: `save_pretrained` renames some modules on the way out
         # (DINOv2 / ViT `attention.q_proj` -> `attention.attention.query` in transformers 5.x).
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / REGULARIZED_FILE)
-        result = {"name": name, "method": "regularized", "config": config, "train": training, "created": time.time()}
-        return self.cache.save(name, fingerprint, result)
+        result = {"name": name, "method": "regularized", "config": config, "seed": seed, "train": training}
+        return self.cache.save(name, fingerprint, {**result, "created": time.time()})
 
-    def load_regularized(self, config: RegConfig) -> torch.nn.Module:
+    def load_regularized(self, config: RegConfig, seed: int) -> torch.nn.Module:
         """The saved regularized model: the dense model factored at full rank, then its trained state loaded."""
         model = svd_factorize_(self.fresh_dense(), _svd_config(config))
-        state = load_file(self.regularized_dir(config) / REGULARIZED_FILE, device=str(self.setup().model.device))
-        model.load_state_dict(state, strict=True)
+        path = self.regularized_dir(config, seed) / REGULARIZED_FILE
+        model.load_state_dict(load_file(path, device=str(self.setup().model.device)), strict=True)
         return model
 
-    def run_ours(self, config: RegConfig, budget: float, splits: tuple[str, ...] = ("test",)) -> dict[str, Any]:
-        """Prune the regularized model to `budget`, then fine-tune `finetune_steps` steps (sparsity off)."""
-        regularized = self.run_regularized(config)
-        fingerprint = self.fingerprint("ours", config=config, regularized_created=regularized["created"])
-        names = {"pruned": result_name("ours_pruned", budget, config), "ft": result_name("ours", budget, config)}
+    def run_ours(
+        self, config: RegConfig, budget: float, seed: int, splits: tuple[str, ...] = ("test",)
+    ) -> dict[str, Any]:
+        """Prune the regularized model of `seed` to `budget`, then fine-tune `finetune_steps` steps (sparsity off)
+        with `seed`."""
+        regularized = self.run_regularized(config, seed)
+        fingerprint = self.fingerprint("ours", seed, config=config, regularized_created=regularized["created"])
+        names = {
+            "pruned": self.name("ours_pruned", budget, config, seed),
+            "ft": self.name("ours", budget, config, seed),
+        }
         cached = self.cached(names["ft"], fingerprint, splits)
         if cached is not None and self.cached(names["pruned"], fingerprint, ("test",)) is not None:
             log(f"{names['ft']}: cached")
             return cached
         start = time.perf_counter()
-        model = self.load_regularized(config)
+        model = self.load_regularized(config, seed)
         prune_(model, budget=budget)
-        info = {"budget": budget, "config": config, "energy_kept": energy_kept(model)}
+        info = {"budget": budget, "config": config, "seed": seed, "energy_kept": energy_kept(model)}
         truncate_(model)
         pruned = {**info, "method": "ours_pruned", "train": {"steps": 0, "wall_s": 0.0}}
         self.record(names["pruned"], fingerprint, model, ("test",), **pruned)
         steps = self.settings.finetune_steps
-        log(f"{names['ft']}: fine-tuning {steps} steps")
-        training = train(model, self.setup(), self.settings, steps, self.settings.learning_rate, config)
+        log(f"{names['ft']}: fine-tuning {steps} steps (seed {seed})")
+        training = train(model, self.setup(), self.settings, steps, self.settings.learning_rate, config, seed=seed)
         result = self.record(names["ft"], fingerprint, model, splits, **info, method="ours", train=training)
         log(f"ours @ {budget:.0%} [{config.label}]: {time.perf_counter() - start:.0f} s")
         return result
 
     def run_sweep(self) -> RegConfig:
-        """Ours at the sweep budget for every config of the sweep (validation and test); returns the best."""
+        """Ours at the sweep budget for every config of the sweep (validation and test), trained with
+        `settings.seed` only (one seed bounds the compute); returns the best."""
         for config in self.settings.sweep:
-            self.run_ours(config, self.settings.sweep_budget, ("val", "test"))
+            self.run_ours(config, self.settings.sweep_budget, self.settings.seed, ("val", "test"))
         return self.best_config()
 
     def sweep_results(self) -> list[dict[str, Any]]:
-        """The stored sweep results (ours at the sweep budget, with a validation score) of the current settings."""
+        """The stored sweep results (ours at the sweep budget, with a validation score, seed `settings.seed`)."""
         results = []
         for config in self.settings.sweep:
             regularized = self.cache.load(
@@ -295,43 +318,58 @@ class Bench:
         return best["config"]
 
     def run_ours_all(self, config: RegConfig) -> None:
-        """Ours at every budget with `config` (the sweep budget's result is reused from the sweep)."""
-        for budget in self.settings.budgets:
-            self.run_ours(config, budget)
+        """Ours at every seed and budget with `config` (the sweep's result is reused for its seed and budget)."""
+        for seed in self.settings.seeds:
+            for budget in self.settings.budgets:
+                self.run_ours(config, budget, seed)
 
     # ------------------------------------------------------------------------------------------------- table
 
-    def baseline_fingerprint(self, method: str) -> dict[str, Any]:
-        """Fingerprint of a baseline result: `svd`, `svd_ft`, `asvd` (untrained ASVD) or `asvd_ft`."""
+    def baseline_fingerprint(self, method: str, seed: int | None = None) -> dict[str, Any]:
+        """Fingerprint of a baseline result: `svd`, `svd_ft`, `asvd` (untrained ASVD) or `asvd_ft` (with `seed`)."""
         if method == "asvd":
             asvd = self.fingerprint("asvd_ft")
             return {**self.fingerprint("svd"), **{k: asvd[k] for k in ("calib_batches", "asvd_alpha")}}
-        return self.fingerprint(method)
+        return self.fingerprint(method, seed)
 
     def collect(self, config: RegConfig) -> list[dict[str, Any]]:
-        """Every stored result of the table for the current settings (missing ones are left out)."""
-        load = self.cache.load
-        rows = []
-        dense = load("dense", self.settings.fingerprint("dense"), ignore_force=True)
-        if dense is not None:
-            rows.append(dense)
-        control = load("dense_ft", self.fingerprint("svd_ft"), ignore_force=True)
-        if control is not None:
-            rows.append(control)
-        regularized = load(
-            result_name("regularized", None, config), self.fingerprint("ours", config=config), ignore_force=True
-        )
+        """Every stored result of the table for the current settings and seeds (missing ones are left out).
+
+        Each row gets `seed`: its training seed, None for the results that do not train after the dense model.
+        """
+        rows = [self._load("dense", self.settings.fingerprint("dense"), None)]
+        for seed in self.settings.seeds:
+            rows.append(self._load(self.name("dense_ft", seed=seed), self.fingerprint("svd_ft", seed), seed))
         for budget in self.settings.budgets:
-            for method in ("svd", "svd_ft", "asvd", "asvd_ft"):
-                result = load(result_name(method, budget), self.baseline_fingerprint(method), ignore_force=True)
-                rows += [result] if result is not None else []
-            if regularized is None:
-                continue
-            fingerprint = self.fingerprint("ours", config=config, regularized_created=regularized["created"])
+            for method in ("svd", "asvd"):
+                rows.append(self._load(self.name(method, budget), self.baseline_fingerprint(method), None))
+            for method in ("svd_ft", "asvd_ft"):
+                for seed in self.settings.seeds:
+                    fingerprint = self.baseline_fingerprint(method, seed)
+                    rows.append(self._load(self.name(method, budget, seed=seed), fingerprint, seed))
+        for seed in self.settings.seeds:
+            rows += self._collect_ours(config, seed)
+        return [row for row in rows if row is not None]
+
+    def _collect_ours(self, config: RegConfig, seed: int) -> list[dict[str, Any] | None]:
+        """Ours (pruned, and fine-tuned) at every budget from the regularized model of `seed`."""
+        regularized = self.cache.load(
+            self.name("regularized", None, config, seed), self.fingerprint("ours", seed, config=config), True
+        )
+        if regularized is None:
+            return []
+        fingerprint = self.fingerprint("ours", seed, config=config, regularized_created=regularized["created"])
+        rows = []
+        for budget in self.settings.budgets:
             for method in ("ours_pruned", "ours"):
-                result = load(result_name(method, budget, config), fingerprint, ignore_force=True)
-                rows += [{**result, "regularized": regularized}] if result is not None else []
+                result = self._load(self.name(method, budget, config, seed), fingerprint, seed)
+                rows.append(None if result is None else {**result, "regularized": regularized})
         return rows
+
+    def _load(self, name: str, fingerprint: dict[str, Any], seed: int | None) -> dict[str, Any] | None:
+        """A stored result (whatever `--force` says) tagged with its training seed, or None."""
+        result = self.cache.load(name, fingerprint, ignore_force=True)
+        return None if result is None else {**result, "seed": seed}
 
 
 def _svd_config(config: RegConfig) -> SVDConfig:
