@@ -2,6 +2,7 @@
 
 from .config import DEFAULT_TARGET_MODULES, SVDConfig
 from .conv import SVDConv2d
+from .cur import CompactCURLinear, CURLinear, cur_layers
 from .export import (
     CompressedFormatError,
     load_compressed,
@@ -12,6 +13,7 @@ from .export import (
     svd_to_lowrank_,
 )
 from .factorize import svd_factorize_, svd_layers
+from .householder import HouseholderSVDLinear, to_householder_
 from .hub import push_compressed_to_hub
 from .layers import SVDLinear
 from .matching import NoTargetModulesError
@@ -34,6 +36,11 @@ __all__ = [
     "NoTargetModulesError",
     "SVDConfig",
     "SVDConv2d",
+    "CURLinear",
+    "CompactCURLinear",
+    "cur_layers",
+    "HouseholderSVDLinear",
+    "to_householder_",
     "SVDLinear",
     "SVDPruningCallback",
     "SVDTrainer",

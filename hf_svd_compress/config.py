@@ -70,6 +70,10 @@ class SVDConfig:
             `"spatial"` (a kh x 1 conv, then a 1 x kw conv).
         approx_weight (`float`, defaults to 1.0):
             For `parameterization="cur"`: weight of the distance between each weight and its CUR approximation.
+        tt_max_rank (`int`, *optional*):
+            For `parameterization="sttp"`: cap on the tensor-train ranks of U and V. `None` keeps the exact TT-SVD of
+            the pretrained factors (the layer computes the dense function at the start); a cap approximates them
+            with fewer degrees of freedom, `O(tt_max_rank^2 log(m n))` per layer.
     """
 
     target_modules: list[str] | str | None = field(
@@ -111,6 +115,9 @@ class SVDConfig:
     approx_weight: float = field(
         default=1.0, metadata={"help": "CUR only: weight of ||W - C U R||_F^2 / ||W||_F^2 in the loss."}
     )
+    tt_max_rank: int | None = field(
+        default=None, metadata={"help": "STTP only: cap on the tensor-train ranks of U and V (None: exact TT-SVD)."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple | set):
@@ -149,6 +156,13 @@ class SVDConfig:
             _check_fraction("init_energy", self.init_energy, closed_right=True)
         if self.init_max_rank is not None and not _is_positive_int(self.init_max_rank):
             raise ValueError(f"SVDConfig.init_max_rank={self.init_max_rank!r} must be a positive integer or None.")
+        if self.tt_max_rank is not None and not _is_positive_int(self.tt_max_rank):
+            raise ValueError(f"SVDConfig.tt_max_rank={self.tt_max_rank!r} must be a positive integer or None.")
+        if self.tt_max_rank is not None and self.parameterization != "sttp":
+            raise ValueError(
+                f"SVDConfig.tt_max_rank={self.tt_max_rank!r} only applies to parameterization='sttp' (got "
+                f"{self.parameterization!r}): set parameterization='sttp' or leave tt_max_rank=None."
+            )
 
     def resolved_targets(self, model_type: str | None) -> list[str] | str:
         """The target_modules to match for a model of `model_type` (the per-architecture default when unset)."""

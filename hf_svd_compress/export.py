@@ -36,7 +36,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SVDConfig
 from .conv import GEOMETRY_KEYS, SVDConv2d, conv_tensor_shapes
+from .cur import CUR_TYPES
 from .factorize import CONFIG_KEY, _record_on_config, _replace, svd_layers
+from .householder import HouseholderSVDLinear
 from .hub import push_compressed_to_hub
 from .layers import SVDLinear, dense_weight
 from .model_card import render_model_card
@@ -240,7 +242,13 @@ def load_factored_checkpoint(path: str | os.PathLike, device: torch.device | str
             layer = SVDConv2d.from_geometry(geometry, rank, bias, dtype=model.dtype)
         else:
             out_features, in_features = dense_weight(modules[name]).shape
-            layer = SVDLinear(in_features, out_features, rank, bias, dtype=model.dtype)
+            if f"{name}.u_factor.reflectors" in tensors or f"{name}.u_factor.cores.0.reflectors" in tensors:
+                cap = stored["config"].get("tt_max_rank")  # Householder / STTP: shapes read off the stored tensors
+                layer = HouseholderSVDLinear.from_state_shapes(
+                    tensors, f"{name}.", in_features, out_features, bias, cap, dtype=model.dtype
+                )
+            else:
+                layer = SVDLinear(in_features, out_features, rank, bias, dtype=model.dtype)
         _replace(model, name, layer)
     _load_strict(model, tensors, folder)
     model.svd_config = SVDConfig.from_dict(stored["config"])
@@ -303,11 +311,16 @@ def lowrank_to_svd_(model: nn.Module) -> nn.Module:
 
 
 def factored_layers(model: nn.Module) -> dict[str, SVDLinear]:
-    """The model's `SVDLinear`s, plus its `LowRankLinear`s (remote code, peft-merged) as new `SVDLinear`s."""
+    """The model's `SVDLinear`s, plus its `LowRankLinear`s (remote code, peft-merged) and CUR layers as new ones.
+
+    A CUR layer keeps its layout: `up = C`, `down = U R` (`svd_from_low_rank` without re-orthonormalizing).
+    """
     layers: dict[str, SVDLinear] = {}
     for name, module in model.named_modules():
         if isinstance(module, SVDLinear):
             layers[name] = module
+        elif isinstance(module, CUR_TYPES):
+            layers[name] = svd_from_low_rank(*module.low_rank_factors(), module.bias)
         elif _is_low_rank(module):
             layers[name] = svd_from_low_rank(module.down.weight, module.up.weight, module.up.bias, orthonormal=True)
         elif _is_low_rank_conv(module):

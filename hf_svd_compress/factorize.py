@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import SVDConfig
 from .conv import SVDConv2d, check_conv
+from .cur import CUR_TYPES
 from .layers import FACTORABLE_TYPES, SVDLinear
 from .matching import find_targets
 from .parameterizations import factored_layer
@@ -42,7 +43,7 @@ def svd_factorize_(
     config = config or SVDConfig()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     targets = config.resolved_targets(model_type)
-    layer_types = (*FACTORABLE_TYPES, SVDLinear)
+    layer_types = (*FACTORABLE_TYPES, SVDLinear, *CUR_TYPES)
     names = find_targets(model, targets, config.exclude_modules, layer_types)
     modules = dict(model.named_modules())
     if filter_fn is not None:
@@ -72,7 +73,7 @@ def svd_factorize_(
 def _factor_one(model: nn.Module, name: str, config: SVDConfig) -> None:
     """Swap one layer for its SVD; the dense layer is unreferenced (and freed) when this returns."""
     dense = model.get_submodule(name)
-    if not isinstance(dense, SVDLinear):
+    if not isinstance(dense, (SVDLinear, *CUR_TYPES)):
         _replace(model, name, factored_layer(dense, config))
 
 

@@ -6,6 +6,8 @@ from torch import nn
 
 from .config import SVDConfig
 from .conv import SVDConv2d, check_conv
+from .cur import cur_layer
+from .householder import HOUSEHOLDER_PARAMETERIZATIONS, HouseholderSVDLinear
 from .layers import SVDLinear
 
 
@@ -26,4 +28,10 @@ def factored_layer(dense: nn.Module, config: SVDConfig) -> nn.Module:
         return SVDConv2d.from_conv(dense, config.conv_mode, config.init_energy, config.init_max_rank)
     if kind == "svd":
         return SVDLinear.from_linear(dense, config.init_energy, config.init_max_rank)
+    if kind == "cur":
+        return cur_layer(dense, config)
+    if kind in HOUSEHOLDER_PARAMETERIZATIONS:  # an nn.Linear or Conv1D (dense_weight refuses anything else)
+        return HouseholderSVDLinear.from_linear(
+            dense, config.init_energy, config.init_max_rank, parameterization=kind, tt_max_rank=config.tt_max_rank
+        )
     raise NotImplementedError(f"SVDConfig.parameterization={kind!r} is not available yet; use 'svd'.")

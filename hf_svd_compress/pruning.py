@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .cur import cur_layers, prune_cur_, truncate_cur_
 from .factorize import svd_layers
 from .layers import SVDLinear, energy_rank
 
@@ -102,6 +103,9 @@ def prune_(
 
     Returns:
         `{module_name: rank}` of the live ranks after pruning. Already-masked values stay masked.
+
+    `CURLinear` layers (`parameterization="cur"`) get their ranks by enumeration instead (`cur.prune_cur_`): under a
+    budget the CUR and the SVD layers each keep `budget` of their own parameters.
     """
     if (energy is None) == (budget is None):
         raise ValueError("prune_ needs exactly one of energy= (e.g. 0.95) or budget= (e.g. 0.5).")
@@ -111,10 +115,11 @@ def prune_(
         raise ValueError(f"prune_(budget={budget!r}): budget must be in (0, 1), e.g. 0.5 keeps half the parameters.")
     if not (isinstance(rank_multiple, int) and not isinstance(rank_multiple, bool) and rank_multiple >= 1):
         raise ValueError(f"prune_(rank_multiple={rank_multiple!r}): use a positive integer, e.g. 8 (1: no rounding).")
-    layers = svd_layers(model)
-    if not layers:
-        raise ValueError("prune_ found no SVDLinear layer: call svd_factorize_(model, config) first.")
+    layers, cur = svd_layers(model), cur_layers(model)
+    if not layers and not cur:
+        raise ValueError("prune_ found no SVDLinear or CURLinear layer: call svd_factorize_(model, config) first.")
     with _whole_parameters(model):
+        cur_ranks = prune_cur_(cur, energy, budget, rank_multiple) if cur else {}  # CUR layers: see cur.prune_cur_
         if energy is not None:
             ranks = energy_ranks(layers, energy, rank_multiple=rank_multiple)
         else:
@@ -124,20 +129,23 @@ def prune_(
     dense = [n for n, layer in layers.items() if not worth_factoring(layer)]
     if dense:
         logger.info("%d layer(s) keep a rank that saves no parameters and export dense: %s", len(dense), dense)
-    return ranks
+    return {**ranks, **cur_ranks}
 
 
 def truncate_(model: nn.Module) -> dict[str, int]:
     """Slice every factored layer to its live singular values (new, smaller parameters); returns the ranks.
 
-    Changes parameter shapes: call it between training runs or before export, never on a DDP-wrapped model.
+    Changes parameter shapes: call it between training runs or before export, never on a DDP-wrapped model. A pruned
+    `CURLinear` becomes a `CompactCURLinear` (parameters `C`, `U`, `R`).
     """
-    return {name: layer.truncate_().full_rank for name, layer in svd_layers(model).items()}
+    ranks = {name: layer.truncate_().full_rank for name, layer in svd_layers(model).items()}
+    return {**ranks, **truncate_cur_(model)}
 
 
 def current_ranks(model: nn.Module) -> dict[str, int]:
-    """`{module_name: live rank}` of the factored layers."""
-    return {name: layer.rank for name, layer in svd_layers(model).items()}
+    """`{module_name: live rank}` of the factored layers (SVD and CUR)."""
+    ranks = {name: layer.rank for name, layer in svd_layers(model).items()}
+    return {**ranks, **{name: layer.rank for name, layer in cur_layers(model).items()}}
 
 
 def _keep_largest(layer: SVDLinear, rank: int) -> None:

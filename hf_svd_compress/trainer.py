@@ -11,6 +11,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import SPARSITY_KINDS, SVDConfig
+from .cur import CURLinear, approximation_total, cur_layers
 from .factorize import CONFIG_KEY, svd_layers
 from .pruning import prune_
 
@@ -36,6 +37,10 @@ class SVDTrainingArguments(TrainingArguments):
     )
     sparsity_weight: float | None = field(
         default=None, metadata={"help": "lambda_s, weight of the sparsity regularizer. Unset: the SVDConfig."}
+    )
+    approx_weight: float | None = field(
+        default=None,
+        metadata={"help": "CUR layers: weight of ||W - C U R||^2 / ||W||^2 in the loss. Unset: the SVDConfig."},
     )
     singular_value_lr_scale: float = field(
         default=1.0,
@@ -68,7 +73,7 @@ class SVDTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.sparsity is not None and self.sparsity not in (*SPARSITY_KINDS, DISABLED):
             raise ValueError(f"--sparsity {self.sparsity!r}: use one of {(*SPARSITY_KINDS, DISABLED)}.")
-        for name in ("orth_weight", "sparsity_weight"):
+        for name in ("orth_weight", "sparsity_weight", "approx_weight"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"--{name} {value}: must be >= 0 (0 disables the term).")
@@ -123,6 +128,8 @@ class SVDTrainer(Trainer):
     Each factored layer computes its terms inside its own forward (whole parameters under FSDP/ZeRO-3, no
     parameter used outside forward under DDP); `compute_loss` sums them, scales them like the task loss under
     gradient accumulation and several processes, and logs them unweighted as `orth_loss` and `sparsity_loss`.
+    CUR layers (`parameterization="cur"`) that still compute their dense function add
+    `approx_weight * sum ||W - C U R||^2 / ||W||^2` the same way, logged as `approx_loss`.
 
     Args:
         svd_config (`SVDConfig`, *optional*): Overrides the config stored on the model by `svd_factorize_`.
@@ -132,16 +139,17 @@ class SVDTrainer(Trainer):
     def __init__(self, *args, svd_config: SVDConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._svd_layers = list(svd_layers(self.model).values())
-        if not self._svd_layers:
+        self._cur_layers = list(cur_layers(self.model).values())
+        if not self._svd_layers and not self._cur_layers:
             raise ValueError(
-                "SVDTrainer got a model without SVDLinear layers: call svd_factorize_(model, SVDConfig(...)) "
-                "before building the trainer (and before accelerator.prepare)."
+                "SVDTrainer got a model without SVDLinear or CURLinear layers: call svd_factorize_(model, "
+                "SVDConfig(...)) before building the trainer (and before accelerator.prepare)."
             )
         self.svd_config = svd_config or _stored_config(self.model)
         # A BERT head accepts **kwargs but returns a plain mean loss: the Trainer would then skip the division by
         # the accumulation steps (and scale by the process count). Treat such a loss as a per-batch mean.
         self.model_accepts_loss_kwargs = self.model_accepts_loss_kwargs and _loss_uses_num_items(self.model)
-        self._metrics: dict[str, list[torch.Tensor]] = {"orth_loss": [], "sparsity_loss": []}
+        self._metrics: dict[str, list[torch.Tensor]] = {"orth_loss": [], "sparsity_loss": [], "approx_loss": []}
         prune_at = getattr(self.args, "prune_at_step", None)
         if prune_at:
             energy, budget = self._pruning_target()
@@ -171,7 +179,10 @@ class SVDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         orth_w, kind, sparsity_w = self.regularizer_weights()
         interval = getattr(self.args, "regularizer_interval", 1)
-        record = model.training and (orth_w or sparsity_w) and self.state.global_step % interval == 0
+        on_step = model.training and self.state.global_step % interval == 0
+        record = on_step and (orth_w or sparsity_w) and bool(self._svd_layers)
+        approx_w = float(_first_set(getattr(self.args, "approx_weight", None), self.svd_config.approx_weight))
+        approx_layers = self._set_approximation(bool(on_step and approx_w))
         probes = _first_set(getattr(self.args, "orth_probes", None), self.svd_config.orth_probes)
         for layer in self._svd_layers:
             layer.regularizer_terms.clear()
@@ -179,9 +190,13 @@ class SVDTrainer(Trainer):
             layer.orth_probes = probes
             layer.sparsity_kind = kind if record else None
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        scale = interval * self._regularizer_scale(num_items_in_batch)
+        if approx_layers:
+            approx = approximation_total(approx_layers)
+            loss = loss + (scale * approx_w * approx).to(loss.dtype)
+            self._metrics["approx_loss"].append(approx.detach())
         if record:
             orth, sparsity = self._collect_terms()
-            scale = interval * self._regularizer_scale(num_items_in_batch)
             loss = loss + (scale * (orth_w * orth + sparsity_w * sparsity)).to(loss.dtype)
             self._metrics["orth_loss"].append(orth.detach())
             if kind:
@@ -194,8 +209,16 @@ class SVDTrainer(Trainer):
                 if values:
                     logs[key] = torch.stack(values).mean().item()
                 values.clear()
-            logs["rank_fraction"] = _rank_fraction(self._svd_layers)
+            logs["rank_fraction"] = _rank_fraction([*self._svd_layers, *self._cur_layers])
         super().log(logs, start_time)
+
+    def _set_approximation(self, enabled: bool) -> list[CURLinear]:
+        """Switch the CUR approximation term on (for layers still computing their dense function) or off."""
+        layers = [layer for layer in self._cur_layers if isinstance(layer, CURLinear)]
+        for layer in layers:
+            layer.approx_terms.clear()
+            layer.approx_enabled = enabled and layer.approximating
+        return [layer for layer in layers if layer.approx_enabled]
 
     def _collect_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         terms = [t for layer in self._svd_layers for t in layer.regularizer_terms]
