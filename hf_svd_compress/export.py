@@ -36,7 +36,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SVDConfig
 from .conv import GEOMETRY_KEYS, SVDConv2d, conv_tensor_shapes
-from .cur import CUR_TYPES
+from .cur import CUR_TYPES, cur_layers
 from .factorize import CONFIG_KEY, _record_on_config, _replace, svd_layers
 from .householder import HouseholderSVDLinear
 from .hub import push_compressed_to_hub
@@ -257,12 +257,12 @@ def load_factored_checkpoint(path: str | os.PathLike, device: torch.device | str
 
 @torch.no_grad()
 def merge_to_dense_(model: nn.Module) -> nn.Module:
-    """Merge every `SVDLinear` back into a dense layer of its original type (`nn.Linear` or `Conv1D`), in place.
+    """Merge every factored layer (`SVDLinear`, `SVDConv2d`, CUR) back into its original dense type, in place.
 
     Masked singular values are dropped. Removes `config.svd_training` and `model.svd_config`, so `save_pretrained`
     then writes a plain checkpoint of the base architecture. Returns the model.
     """
-    layers = svd_layers(model)
+    layers = {**svd_layers(model), **cur_layers(model)}
     types = _original_types(model, list(layers))
     for name, layer in layers.items():
         _replace(model, name, _dense_layer(layer, types[name]))

@@ -516,3 +516,19 @@ def test_convs_are_refused_for_cur():
 def test_trainer_refuses_a_model_without_factored_layers(tmp_path):
     with pytest.raises(ValueError, match="SVDLinear or CURLinear"):
         SVDTrainer(model=tiny_bert(), args=train_args(tmp_path), train_dataset=tiny_data())
+
+
+def test_merge_to_dense_merges_cur_layers_before_and_after_truncation():
+    from hf_svd_compress import merge_to_dense_
+
+    for truncate in (False, True):
+        torch.manual_seed(0)
+        model = svd_factorize_(tiny_bert(), SVDConfig(target_modules="all-linear", parameterization="cur"))
+        prune_(model, budget=0.5)
+        if truncate:
+            truncate_(model)
+        inputs = {"input_ids": torch.randint(0, 100, (2, 7))}
+        expected = model(**inputs).logits
+        merge_to_dense_(model)
+        assert not cur_layers(model) and not hasattr(model.config, "svd_training")
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=1e-4)
