@@ -62,7 +62,9 @@ def train_sharded(version: int, out: Path) -> None:
     sharded = shard(model, version)
     sharded.train()
     optimizer = torch.optim.SGD(sharded.parameters(), lr=args.learning_rate, momentum=0.9)
-    pruning = SVDPruningCallback(PRUNE_AT, energy=args.prune_energy)
+    # The rank rounding SVDTrainer applies for prune_at_step (SVDConfig.prune_rank_multiple).
+    multiple = model.svd_config.prune_rank_multiple
+    pruning = SVDPruningCallback(PRUNE_AT, energy=args.prune_energy, rank_multiple=multiple)
     logs = []
     for step, batch in zip(range(STEPS), loader):
         trainer.state.global_step = step
