@@ -190,6 +190,8 @@ class SVDTrainer(Trainer):
             layer.orth_probes = probes
             layer.sparsity_kind = kind if record else None
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if not (approx_layers or record):  # evaluation, or a step without regularizers
+            return (loss, outputs) if return_outputs else loss
         scale = interval * self._regularizer_scale(num_items_in_batch)
         if approx_layers:
             approx = approximation_total(approx_layers)

@@ -274,3 +274,16 @@ def test_singular_value_lr_scale_gives_s_its_own_learning_rate(tmp_path):
     trainer.train()
     moved = max((layer.s.detach() - before[id(layer.s)]).abs().max().item() for layer in trainer._svd_layers)
     assert moved > 0.05  # 4 Adam steps at lr 0.1 (about 1e-3 x 4 without the scale)
+
+
+def test_evaluate_before_training_a_model_whose_loss_takes_num_items(tmp_path):
+    # ViT's loss uses `num_items_in_batch`: the regularizer scale reads Trainer state that exists only in training.
+    from conftest import make_vit
+
+    model = svd_factorize_(make_vit(), SVDConfig(sparsity="l1", sparsity_weight=1.0, parameterization="cur"))
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {"pixel_values": torch.randn(8, 3, 16, 16, generator=g).tolist(), "labels": [i % 3 for i in range(8)]}
+    )
+    trainer = SVDTrainer(model=model, args=args(tmp_path, per_device_eval_batch_size=4), eval_dataset=data)
+    assert trainer.evaluate()["eval_loss"] > 0
