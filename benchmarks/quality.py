@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                       # everything for MiniLM / BBC News (stage "all")
     python benchmarks/quality.py --stage dense         # then --stage baselines, sweep, ours, table
+    python benchmarks/quality.py --stage parameterizations table   # ours as Householder / STTP / CUR (rows 5b-5d)
     python benchmarks/quality.py --seeds 42 43         # training seeds (default 42 43 44): add one at a time
     python benchmarks/quality.py --stage dinov2        # the optional DINOv2-S / Fashion-MNIST run (own sub-folder)
     python benchmarks/quality.py --tiny --cache_dir /tmp/q   # the CI smoke run (tiny random BERT, ~60 articles)
@@ -16,6 +17,10 @@ steps (S + F):
    fine-tuning steps;
 5. ours: factor at full rank, S steps of SVD training with the orthogonality and sparsity regularizers, prune to the
    budget, F fine-tuning steps with the sparsity term off.
+5b-5d. the same pipeline with the other parameterizations of `SVDConfig` (`--stage parameterizations`, not part of
+   "all"; first training seed only): Householder (SVDP: orthonormal U, V by construction, no orthogonality term),
+   STTP (its tensor-train form) with ours' config, and CUR (no singular values: its approximation term alone,
+   `approx_weight` 1; `prune_` enumerates the CUR ranks against the budget). Results `ours_<parameterization>@<b>`.
 
 Seeds: the dense model (and the data split) use `--seed` (42); every method that trains after it (1b, 3, 4, and both
 stages of 5) is run once per training seed of `--seeds` (default 42 43 44; the Trainer's seed: batch order and
@@ -67,7 +72,7 @@ from quality_lib.settings import RegConfig, Settings, preset, to_json
 from quality_lib.stages import Bench, log
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / ".cache" / "quality"
-STAGES = ("dense", "baselines", "sweep", "ours", "table", "dinov2", "all")
+STAGES = ("dense", "baselines", "sweep", "ours", "parameterizations", "table", "dinov2", "all")
 OVERRIDES = (
     "dense_steps",
     "svd_steps",
@@ -89,7 +94,14 @@ OVERRIDES = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=STAGES, default="all")
+    parser.add_argument(
+        "--stage",
+        choices=STAGES,
+        nargs="+",
+        default=["all"],
+        help="Stage(s) to run, in the order dense, baselines, sweep, ours, parameterizations, table ('all': all but "
+        "parameterizations; dinov2 alone).",
+    )
     parser.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--force", action="store_true", help="Recompute the results of the stages that run.")
     parser.add_argument("--tiny", action="store_true", help="CI smoke run: tiny random BERT, ~60 articles.")
@@ -161,6 +173,13 @@ def write_table(bench: Bench, config: RegConfig, chosen_by: str, out_dir: Path) 
     lines += report.pivot_table(table, s.budgets, seeds)
     caption = f"Cells: test accuracy (trained rows: mean ± sample std over {seeds} seed(s)) · parameters stored · "
     lines += ["", caption + "model.safetensors size.", ""]
+    variants = [m for m in report.VARIANT_METHODS if any(r["method"] == m for r in rows)]
+    if variants:
+        lines[-1:-1] = [
+            f"Rows 5b-5d: one seed ({s.seeds[0]}), ours' config (CUR: its approximation term alone, approx_weight 1); "
+            "`--stage parameterizations`.",
+            "",
+        ]
     lines += report.goals_table(goals, seeds)
     lines += ["### Test accuracy (%) per training seed", ""] + report.per_seed_table(table, s.seeds) + [""]
     lines += report.detail_table(rows) + [""]
@@ -177,19 +196,23 @@ def write_table(bench: Bench, config: RegConfig, chosen_by: str, out_dir: Path) 
     return text
 
 
-def run(bench: Bench, stage: str, explicit: RegConfig | None, out_dir: Path) -> None:
-    """Run `stage` ("all": dense, baselines, sweep, ours, table) of one task."""
-    if stage in ("dense", "all"):
+def run(bench: Bench, stages: list[str], explicit: RegConfig | None, out_dir: Path) -> None:
+    """Run `stages` of one task, in pipeline order ("all": dense, baselines, sweep, ours, table)."""
+    stages = set(stages)
+    if stages & {"dense", "all"}:
         bench.run_dense()
-    if stage in ("baselines", "all"):
+    if stages & {"baselines", "all"}:
         bench.run_baselines()
-    if stage in ("sweep", "all") and bench.settings.sweep:
+    if stages & {"sweep", "all"} and bench.settings.sweep:
         bench.run_sweep()
     config, chosen_by = choose_config(bench, explicit)
-    if stage in ("ours", "all"):
+    if stages & {"ours", "all"}:
         log(f"ours: {config.label} ({chosen_by})")
         bench.run_ours_all(config)
-    if stage in ("table", "all"):
+    if "parameterizations" in stages:
+        log(f"parameterizations: {config.label} ({chosen_by}), seed {bench.settings.seeds[0]}")
+        bench.run_parameterizations(config)
+    if stages & {"table", "all"}:
         write_table(bench, config, chosen_by, out_dir)
 
 
@@ -214,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(threads)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     start = time.perf_counter()
-    if cli.stage == "dinov2":
+    if "dinov2" in cli.stage:
+        if len(cli.stage) > 1:
+            raise SystemExit("--stage dinov2 runs its own pipeline: give it alone.")
         settings = build_settings(cli, "dinov2")
         # Ours' config: given on the command line, else the best of the MiniLM sweep run with the default settings.
         minilm = Bench(
@@ -222,12 +247,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         explicit = explicit_config(cli, settings) or minilm.best_config()
         root = cli.cache_dir / "dinov2"
-        run(Bench(settings, root, cli.force, cli.keep_exports), "all", explicit, root)
+        run(Bench(settings, root, cli.force, cli.keep_exports), ["all"], explicit, root)
     else:
         settings = build_settings(cli, "tiny" if cli.tiny else "minilm")
         bench = Bench(settings, cli.cache_dir, cli.force, cli.keep_exports)
         run(bench, cli.stage, explicit_config(cli, settings), cli.cache_dir)
-    log(f"stage {cli.stage} done in {time.perf_counter() - start:.0f} s")
+    log(f"stage {' '.join(cli.stage)} done in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """CI smoke run of `benchmarks/quality.py --tiny`: every method at one budget, in a subprocess, well under a minute;
-then a second training seed added to that cache, and the seed aggregation of the report on made-up results."""
+then a second training seed added to that cache, ours in the other parameterizations (`--stage parameterizations`)
+on a copy of it, and the seed aggregation of the report on made-up results."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ ROWS = [
     "5. ours (SVD training + prune + fine-tune)",
 ]
 RESULTS = ["dense", "svd@50", "svd_ft@50", "asvd@50", "asvd_ft@50"]
+# `--stage parameterizations`: result name -> row label.
+VARIANTS = {
+    "ours_householder@50": "5b. ours, Householder (SVDP)",
+    "ours_sttp@50": "5c. ours, STTP",
+    "ours_cur@50": "5d. ours, CUR",
+}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -59,6 +66,15 @@ def two_seeds(tiny_run, tmp_path_factory):
     shutil.copytree(tiny_run[0], cache)
     before = stored(cache)
     return cache, before, run_quality(cache, "--seeds", "42", "43")
+
+
+@pytest.fixture(scope="module")
+def parameterizations(tiny_run, tmp_path_factory):
+    """A copy of the one-seed cache, then `--stage parameterizations table` on it."""
+    cache = tmp_path_factory.mktemp("quality_parameterizations") / "cache"
+    shutil.copytree(tiny_run[0], cache)
+    before = stored(cache)
+    return cache, before, run_quality(cache, "--stage", "parameterizations", "table")
 
 
 def test_table_has_every_method(tiny_run):
@@ -167,3 +183,34 @@ def test_report_aggregates_seeds(monkeypatch):
     assert result_name("svd_ft", 0.5, seed=settings.seed_tag(43)) == "svd_ft@50@seed43"
     with pytest.raises(ValueError, match="distinct training seeds"):
         Settings(seeds=(42, 42))
+
+
+def test_parameterizations_stage_adds_one_row_each(tiny_run, parameterizations):
+    cache, before, stdout = parameterizations
+    assert "5b." not in (tiny_run[0] / "quality_table.md").read_text()  # missing results do not show
+    table = (cache / "quality_table.md").read_text()
+    for row in VARIANTS.values():
+        line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
+        assert " M · " in line and " MB" in line, line  # accuracy · params · file size
+    assert "Rows 5b-5d: one seed (42)" in table
+    after = stored(cache)
+    for name, result in before.items():
+        assert after[name]["created"] == result["created"], name  # ours and the baselines are not rerun
+    dense = after["dense"]
+    for name, parameterization in zip(VARIANTS, ("householder", "sttp", "cur"), strict=True):
+        result = after[name]
+        assert result["settings"]["parameterization"] == parameterization
+        assert 0.4 < result["budget_realized"] <= 0.5, (name, result["budget_realized"])
+        assert result["params_total"] < dense["params_total"] and result["file_bytes"] < dense["file_bytes"]
+        regularized = after[f"regularized_{parameterization}"]
+        assert regularized["train"]["steps"] + result["train"]["steps"] == 4  # S + F, as every method
+    # SVDP / STTP: orthonormal by construction (no orthogonality term), the sparsity term on; CUR: approximation only.
+    for parameterization in ("householder", "sttp"):
+        last = after[f"regularized_{parameterization}"]["train"]["last_log"]
+        assert last["orth_loss"] == 0.0 and last["sparsity_loss"] > 0, last
+    cur = after["regularized_cur"]
+    assert cur["train"]["last_log"]["approx_loss"] > 0 and "sparsity_loss" not in cur["train"]["last_log"]
+    assert cur["settings"]["approx_weight"] == 1.0 and after["ours_cur@50"]["energy_kept"] is None
+    summary = json.loads((cache / "quality_summary.json").read_text())
+    cells = {c["method"]: c for c in summary["cells"]}
+    assert all(cells[f"ours_{p}"]["seeds"] == [42] for p in ("householder", "sttp", "cur"))

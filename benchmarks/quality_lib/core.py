@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator
 
 from hf_svd_compress import SVDTrainer, SVDTrainingArguments, save_compressed, svd_layers
+from hf_svd_compress.cur import cur_layers
 from hf_svd_compress.pipeline import TaskSetup
 from hf_svd_compress.pruning import layer_params
 
@@ -104,7 +105,7 @@ def train(
     """
     if steps <= 0:
         return {"steps": 0, "wall_s": 0.0}
-    factored = bool(svd_layers(model))
+    factored = bool(svd_layers(model) or cur_layers(model))
     seed = settings.seed if seed is None else seed
     args = _training_args(settings, steps, learning_rate, factored, reg, sparsity_on, seed)
     optimizer = _s_lr_optimizer(model, learning_rate, s_lr_scale) if s_lr_scale != 1 else None
@@ -121,7 +122,7 @@ def train(
     output = trainer.train()
     wall = time.perf_counter() - start
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    last = {k: logs[-1][k] for k in ("loss", "orth_loss", "sparsity_loss") if logs and k in logs[-1]}
+    last = {k: logs[-1][k] for k in ("loss", "orth_loss", "sparsity_loss", "approx_loss") if logs and k in logs[-1]}
     shutil.rmtree(args.output_dir, ignore_errors=True)
     return {
         "steps": steps,
@@ -205,8 +206,9 @@ def evaluate_splits(model: torch.nn.Module, setup: TaskSetup, settings: Settings
 
 
 def factored_stats(model: torch.nn.Module) -> dict[str, Any]:
-    """Kept parameters of the factored layers, counted as `prune_` does: `min(r (m + n), m n)` per layer."""
-    layers = svd_layers(model)
+    """Kept parameters of the factored layers (SVD and CUR), counted as `prune_` does: `min(r (m + n), m n)` per
+    layer."""
+    layers = {**svd_layers(model), **cur_layers(model)}
     kept = sum(layer_params(m.out_features, m.in_features, m.rank) for m in layers.values())
     dense = sum(m.out_features * m.in_features for m in layers.values())
     ranks = [m.rank for m in layers.values()]
@@ -221,14 +223,15 @@ def factored_stats(model: torch.nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def energy_kept(model: torch.nn.Module) -> float:
-    """Fraction of the spectral energy (sum of s^2 over all factored layers) that the masks keep."""
+def energy_kept(model: torch.nn.Module) -> float | None:
+    """Fraction of the spectral energy (sum of s^2 over all factored layers) that the masks keep; None without
+    singular values (CUR layers)."""
     kept, total = 0.0, 0.0
     for layer in svd_layers(model).values():
         energy = layer.s.detach().double().square()
         kept += float(energy[layer.mask].sum())
         total += float(energy.sum())
-    return kept / total if total else math.nan
+    return kept / total if total else None
 
 
 def export_stats(model: torch.nn.Module, folder: Path, keep: bool = False) -> dict[str, Any]:

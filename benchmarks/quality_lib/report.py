@@ -19,10 +19,12 @@ TASK_TITLES = {
     "tiny": "tiny random BERT on a 60-article BBC News subset (smoke run)",
     "dinov2": "DINOv2-S/14 on Fashion-MNIST",
 }
-TABLE_METHODS = ("dense", "dense_ft", "svd", "svd_ft", "asvd", "asvd_ft", "ours_pruned", "ours")
+# Ours in the other parameterizations (`--stage parameterizations`, first training seed only).
+VARIANT_METHODS = ("ours_householder", "ours_sttp", "ours_cur")
+TABLE_METHODS = ("dense", "dense_ft", "svd", "svd_ft", "asvd", "asvd_ft", "ours_pruned", "ours", *VARIANT_METHODS)
 DENSE_METHODS = ("dense", "dense_ft")
 # Results that depend on the training seed (ours_pruned through its regularized S stage).
-TRAINED_METHODS = ("dense_ft", "svd_ft", "asvd_ft", "ours_pruned", "ours")
+TRAINED_METHODS = ("dense_ft", "svd_ft", "asvd_ft", "ours_pruned", "ours", *VARIANT_METHODS)
 BASELINES = ("svd", "svd_ft", "asvd", "asvd_ft")
 GOAL_BUDGET = 0.5  # "within 1 point of dense" is asked at this budget
 GOAL_GAP = 0.01
@@ -201,7 +203,7 @@ def detail_table(rows: list[dict[str, Any]]) -> list[str]:
         rank = f"{r['rank_mean']:.1f}" if r.get("rank_mean") is not None else "full"
         steps = r["train"]["steps"]
         compute = r["train"]["wall_s"] + r.get("eval_export_s", 0.0)
-        if r["method"] in ("ours", "ours_pruned"):
+        if "regularized" in r:  # ours, in any parameterization
             steps = f"{r['regularized']['train']['steps']} (shared) + {steps}"
             compute = f"{compute:.0f} + {r['regularized']['train']['wall_s']:.0f} (shared)"
         else:
@@ -341,9 +343,13 @@ PLOT_STYLES = {
     "asvd_ft": ("tab:orange", "s", "-"),
     "ours_pruned": ("tab:green", "^", ":"),
     "ours": ("tab:green", "^", "-"),
+    "ours_householder": ("tab:purple", "D", "-"),
+    "ours_sttp": ("tab:brown", "v", "-"),
+    "ours_cur": ("tab:red", "P", "-"),
 }
 # Horizontal shift (millions of parameters) of the methods with error bars, so that bars at one budget stay apart.
 PLOT_DODGE = {"svd_ft": -0.12, "asvd_ft": -0.04, "ours_pruned": 0.04, "ours": 0.12}
+PLOT_TRAINED = ("svd_ft", "asvd_ft", "ours", *VARIANT_METHODS, "dense", "dense_ft")
 
 
 def plot(table: dict[tuple[str, float], Cell], path: Path, title: str) -> Path:
@@ -363,7 +369,7 @@ def plot(table: dict[tuple[str, float], Cell], path: Path, title: str) -> Path:
         ax.set_xlabel("parameters stored (millions)")
         ax.set_ylabel("test accuracy (%): mean over the seeds, bars ± std")
         ax.grid(alpha=0.3)
-    trained = [c for c in table.values() if c.method in ("svd_ft", "asvd_ft", "ours", "dense", "dense_ft")]
+    trained = [c for c in table.values() if c.method in PLOT_TRAINED]
     if trained:
         low = min(100 * (c.mean - (c.std or 0.0)) for c in trained)
         high = max(100 * (c.mean + (c.std or 0.0)) for c in trained)

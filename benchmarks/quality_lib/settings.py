@@ -18,7 +18,13 @@ METHOD_LABELS = {
     "asvd_ft": "4. ASVD + fine-tuning",
     "ours_pruned": "5a. ours, pruned, before fine-tuning",
     "ours": "5. ours (SVD training + prune + fine-tune)",
+    "ours_householder": "5b. ours, Householder (SVDP)",
+    "ours_sttp": "5c. ours, STTP",
+    "ours_cur": "5d. ours, CUR",
 }
+# The other parameterizations of `SVDConfig` that the `parameterizations` stage runs through ours' pipeline ("svd"
+# is ours itself).
+PARAMETERIZATIONS = ("householder", "sttp", "cur")
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,17 @@ class RegConfig:
         if len(parts) > 3:
             kwargs["sparsity"] = parts[3]
         return cls(**kwargs)
+
+
+def effective_config(config: RegConfig, parameterization: str) -> RegConfig:
+    """The regularizer config `parameterization` trains with under ours' `config`.
+
+    CUR has no singular values (no sparsity term, no `s` learning rate) and no orthogonality term: it trains with its
+    approximation term alone (`SVDConfig.approx_weight`), whatever `config` says. The others use `config`.
+    """
+    if parameterization == "cur":
+        return RegConfig(orth_weight=0.0, sparsity_weight=0.0, sparsity="none", s_lr_scale=1.0)
+    return config
 
 
 @dataclass

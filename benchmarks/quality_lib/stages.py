@@ -17,7 +17,7 @@ from hf_svd_compress.pipeline import TaskSetup
 
 from .asvd import activation_scales, asvd_factorize_, normalize_columns_, target_names
 from .core import energy_kept, evaluate_splits, export_stats, factored_stats, file_stats, load_task, train
-from .settings import RegConfig, ResultCache, Settings, result_name
+from .settings import PARAMETERIZATIONS, RegConfig, ResultCache, Settings, effective_config, result_name
 
 # Plain truncated SVD: no regularizer at any point (factors then train freely).
 BASELINE_CONFIG = SVDConfig(orth_weight=0.0, sparsity=None)
@@ -214,75 +214,112 @@ class Bench:
 
     # --------------------------------------------------------------------------------------------------- ours
 
-    def regularized_dir(self, config: RegConfig, seed: int) -> Path:
+    def regularized_dir(self, config: RegConfig, seed: int, parameterization: str = "svd") -> Path:
         tag = self.settings.seed_tag(seed)
-        return self.root / "regularized" / (config.key if tag is None else f"{config.key}@seed{tag}")
+        key = effective_config(config, parameterization).key  # CUR: one model whatever ours' config
+        key = key if parameterization == "svd" else f"{parameterization}_{key}"
+        return self.root / "regularized" / (key if tag is None else f"{key}@seed{tag}")
 
-    def run_regularized(self, config: RegConfig, seed: int) -> dict[str, Any]:
-        """SVD training with both regularizers for `svd_steps` steps with `seed`, saved once and pruned to every
-        budget."""
-        name = self.name("regularized", None, config, seed)
-        fingerprint = self.fingerprint("ours", seed, config=config)
+    def regularized_name(self, config: RegConfig, seed: int, parameterization: str = "svd") -> str:
+        """`regularized@<config>` for ours, `regularized_<parameterization>` for the others (one config each)."""
+        if parameterization == "svd":
+            return self.name("regularized", None, config, seed)
+        return self.name(f"regularized_{parameterization}", None, None, seed)
+
+    def regularized_fingerprint(self, config: RegConfig, seed: int, parameterization: str = "svd") -> dict[str, Any]:
+        """Fingerprint of the regularized model (ours' unchanged; the others add their parameterization)."""
+        reg = effective_config(config, parameterization)
+        if parameterization == "svd":
+            return self.fingerprint("ours", seed, config=reg)
+        factor = _svd_config(reg, parameterization)
+        extra = {"approx_weight": factor.approx_weight} if parameterization == "cur" else {}
+        return self.fingerprint("ours", seed, config=reg, parameterization=parameterization, **extra)
+
+    def run_regularized(self, config: RegConfig, seed: int, parameterization: str = "svd") -> dict[str, Any]:
+        """Training at full rank with the regularizers of `config` for `svd_steps` steps with `seed`, in
+        `parameterization` (CUR: its approximation term only), saved once and pruned to every budget."""
+        name = self.regularized_name(config, seed, parameterization)
+        fingerprint = self.regularized_fingerprint(config, seed, parameterization)
         cached = self.cache.load(name, fingerprint)
-        folder = self.regularized_dir(config, seed)
+        folder = self.regularized_dir(config, seed, parameterization)
         if cached is not None and (folder / REGULARIZED_FILE).is_file():
             return cached
-        s = self.settings
-        log(f"ours [{config.label}]: SVD training {s.svd_steps} steps with the regularizers (seed {seed})")
+        s, reg = self.settings, effective_config(config, parameterization)
+        log(f"{name} [{parameterization}, {reg.label}]: {s.svd_steps} steps with the regularizers (seed {seed})")
         model = self.fresh_dense()
-        svd_factorize_(model, _svd_config(config))
+        svd_factorize_(model, _svd_config(reg, parameterization))
         training = train(
             model,
             self.setup(),
             s,
             s.svd_steps,
             s.learning_rate,
-            config,
+            reg,
             sparsity_on=True,
-            s_lr_scale=config.s_lr_scale,
+            s_lr_scale=reg.s_lr_scale,
             seed=seed,
         )
         folder.mkdir(parents=True, exist_ok=True)
         # The state dict under the in-memory names: `save_pretrained` renames some modules on the way out
         # (DINOv2 / ViT `attention.q_proj` -> `attention.attention.query` in transformers 5.x).
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, folder / REGULARIZED_FILE)
-        result = {"name": name, "method": "regularized", "config": config, "seed": seed, "train": training}
+        result = {"name": name, "method": "regularized", "config": reg, "seed": seed, "train": training}
+        if parameterization != "svd":
+            result["parameterization"] = parameterization
         return self.cache.save(name, fingerprint, {**result, "created": time.time()})
 
-    def load_regularized(self, config: RegConfig, seed: int) -> torch.nn.Module:
+    def load_regularized(self, config: RegConfig, seed: int, parameterization: str = "svd") -> torch.nn.Module:
         """The saved regularized model: the dense model factored at full rank, then its trained state loaded."""
-        model = svd_factorize_(self.fresh_dense(), _svd_config(config))
-        path = self.regularized_dir(config, seed) / REGULARIZED_FILE
+        reg = effective_config(config, parameterization)
+        model = svd_factorize_(self.fresh_dense(), _svd_config(reg, parameterization))
+        path = self.regularized_dir(config, seed, parameterization) / REGULARIZED_FILE
         model.load_state_dict(load_file(path, device=str(self.setup().model.device)), strict=True)
         return model
 
+    def ours_names(self, config: RegConfig, budget: float, seed: int, parameterization: str = "svd") -> dict[str, str]:
+        """Result names of ours at `budget`: `ft` (fine-tuned) and, for "svd" only, `pruned` (before fine-tuning).
+
+        The other parameterizations are named `ours_<parameterization>@<budget>`: one config each, in the fingerprint.
+        """
+        if parameterization == "svd":
+            return {
+                "pruned": self.name("ours_pruned", budget, config, seed),
+                "ft": self.name("ours", budget, config, seed),
+            }
+        return {"ft": self.name(f"ours_{parameterization}", budget, None, seed)}
+
     def run_ours(
-        self, config: RegConfig, budget: float, seed: int, splits: tuple[str, ...] = ("test",)
+        self,
+        config: RegConfig,
+        budget: float,
+        seed: int,
+        splits: tuple[str, ...] = ("test",),
+        parameterization: str = "svd",
     ) -> dict[str, Any]:
-        """Prune the regularized model of `seed` to `budget`, then fine-tune `finetune_steps` steps (sparsity off)
-        with `seed`."""
-        regularized = self.run_regularized(config, seed)
-        fingerprint = self.fingerprint("ours", seed, config=config, regularized_created=regularized["created"])
-        names = {
-            "pruned": self.name("ours_pruned", budget, config, seed),
-            "ft": self.name("ours", budget, config, seed),
-        }
+        """Prune the regularized model of `seed` (in `parameterization`) to `budget`, then fine-tune `finetune_steps`
+        steps (sparsity off) with `seed`."""
+        regularized = self.run_regularized(config, seed, parameterization)
+        fingerprint = {**self.regularized_fingerprint(config, seed, parameterization)}
+        fingerprint["regularized_created"] = regularized["created"]
+        names = self.ours_names(config, budget, seed, parameterization)
         cached = self.cached(names["ft"], fingerprint, splits)
-        if cached is not None and self.cached(names["pruned"], fingerprint, ("test",)) is not None:
+        if cached is not None and ("pruned" not in names or self.cached(names["pruned"], fingerprint, ("test",))):
             log(f"{names['ft']}: cached")
             return cached
-        start = time.perf_counter()
-        model = self.load_regularized(config, seed)
+        start, reg = time.perf_counter(), effective_config(config, parameterization)
+        model = self.load_regularized(config, seed, parameterization)
         prune_(model, budget=budget)
-        info = {"budget": budget, "config": config, "seed": seed, "energy_kept": energy_kept(model)}
+        info = {"budget": budget, "config": reg, "seed": seed, "energy_kept": energy_kept(model)}
         truncate_(model)
-        pruned = {**info, "method": "ours_pruned", "train": {"steps": 0, "wall_s": 0.0}}
-        self.record(names["pruned"], fingerprint, model, ("test",), **pruned)
+        if "pruned" in names:
+            pruned = {**info, "method": "ours_pruned", "train": {"steps": 0, "wall_s": 0.0}}
+            self.record(names["pruned"], fingerprint, model, ("test",), **pruned)
         steps = self.settings.finetune_steps
         log(f"{names['ft']}: fine-tuning {steps} steps (seed {seed})")
-        training = train(model, self.setup(), self.settings, steps, self.settings.learning_rate, config, seed=seed)
-        result = self.record(names["ft"], fingerprint, model, splits, **info, method="ours", train=training)
-        log(f"ours @ {budget:.0%} [{config.label}]: {time.perf_counter() - start:.0f} s")
+        training = train(model, self.setup(), self.settings, steps, self.settings.learning_rate, reg, seed=seed)
+        method = "ours" if parameterization == "svd" else f"ours_{parameterization}"
+        result = self.record(names["ft"], fingerprint, model, splits, **info, method=method, train=training)
+        log(f"{method} @ {budget:.0%} [{reg.label}]: {time.perf_counter() - start:.0f} s")
         return result
 
     def run_sweep(self) -> RegConfig:
@@ -323,6 +360,13 @@ class Bench:
             for budget in self.settings.budgets:
                 self.run_ours(config, budget, seed)
 
+    def run_parameterizations(self, config: RegConfig) -> None:
+        """Ours' pipeline in every other parameterization (`PARAMETERIZATIONS`) with `config`, at every budget, at
+        the first training seed only (bounds the compute)."""
+        for parameterization in PARAMETERIZATIONS:
+            for budget in self.settings.budgets:
+                self.run_ours(config, budget, self.settings.seeds[0], parameterization=parameterization)
+
     # ------------------------------------------------------------------------------------------------- table
 
     def baseline_fingerprint(self, method: str, seed: int | None = None) -> dict[str, Any]:
@@ -349,20 +393,27 @@ class Bench:
                     rows.append(self._load(self.name(method, budget, seed=seed), fingerprint, seed))
         for seed in self.settings.seeds:
             rows += self._collect_ours(config, seed)
+        for parameterization in PARAMETERIZATIONS:
+            rows += self._collect_ours(config, self.settings.seeds[0], parameterization)
         return [row for row in rows if row is not None]
 
-    def _collect_ours(self, config: RegConfig, seed: int) -> list[dict[str, Any] | None]:
-        """Ours (pruned, and fine-tuned) at every budget from the regularized model of `seed`."""
+    def _collect_ours(
+        self, config: RegConfig, seed: int, parameterization: str = "svd"
+    ) -> list[dict[str, Any] | None]:
+        """Ours (pruned for "svd", and fine-tuned) at every budget from the regularized model of `seed`."""
         regularized = self.cache.load(
-            self.name("regularized", None, config, seed), self.fingerprint("ours", seed, config=config), True
+            self.regularized_name(config, seed, parameterization),
+            self.regularized_fingerprint(config, seed, parameterization),
+            ignore_force=True,
         )
         if regularized is None:
             return []
-        fingerprint = self.fingerprint("ours", seed, config=config, regularized_created=regularized["created"])
+        fingerprint = self.regularized_fingerprint(config, seed, parameterization)
+        fingerprint["regularized_created"] = regularized["created"]
         rows = []
         for budget in self.settings.budgets:
-            for method in ("ours_pruned", "ours"):
-                result = self._load(self.name(method, budget, config, seed), fingerprint, seed)
+            for name in self.ours_names(config, budget, seed, parameterization).values():
+                result = self._load(name, fingerprint, seed)
                 rows.append(None if result is None else {**result, "regularized": regularized})
         return rows
 
@@ -372,8 +423,17 @@ class Bench:
         return None if result is None else {**result, "seed": seed}
 
 
-def _svd_config(config: RegConfig) -> SVDConfig:
-    return SVDConfig(orth_weight=config.orth_weight, sparsity=config.sparsity, sparsity_weight=config.sparsity_weight)
+def _svd_config(config: RegConfig, parameterization: str = "svd") -> SVDConfig:
+    """The factorization config of `parameterization` with the regularizers of `config` (CUR: none of them; its
+    approximation term keeps the `SVDConfig` default weight)."""
+    if parameterization == "cur":
+        return SVDConfig(parameterization="cur", orth_weight=0.0, sparsity=None)
+    return SVDConfig(
+        parameterization=parameterization,
+        orth_weight=config.orth_weight,
+        sparsity=config.sparsity,
+        sparsity_weight=config.sparsity_weight,
+    )
 
 
 def _target_params(model: torch.nn.Module) -> int:
