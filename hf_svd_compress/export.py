@@ -286,7 +286,7 @@ def svd_to_lowrank_(model: nn.Module) -> nn.Module:
             continue
         U, s, V = (t.detach().to(_work_dtype(t)) for t in layer.live_factors())
         low_rank = LowRankLinear(layer.in_features, layer.out_features, s.shape[0], layer.bias is not None)
-        low_rank.to(device=layer.U.device, dtype=layer.U.dtype)
+        low_rank.to(device=layer.s.device, dtype=layer.s.dtype)
         low_rank.down.weight.data.copy_((V * s).T)
         low_rank.up.weight.data.copy_(U)
         if layer.bias is not None:
@@ -433,12 +433,12 @@ def _export_tensors(
         U, s, V = (t.detach().to(_work_dtype(t)) for t in layer.live_factors())
         bias = None if layer.bias is None else layer.bias.detach().clone()
         if dense or name in meta["dense_modules"]:
-            weight = ((U * s) @ V.T).to(layer.U.dtype)
+            weight = ((U * s) @ V.T).to(layer.s.dtype)
             state[f"{name}.weight"] = weight.T.contiguous() if types[name] is Conv1D else weight
             prefix = f"{name}."
         else:
-            state[f"{name}.down.weight"] = (V * s).T.contiguous().to(layer.U.dtype)
-            state[f"{name}.up.weight"] = U.contiguous().to(layer.U.dtype)
+            state[f"{name}.down.weight"] = (V * s).T.contiguous().to(layer.s.dtype)
+            state[f"{name}.up.weight"] = U.contiguous().to(layer.s.dtype)
             prefix = f"{name}.up."
         if bias is not None:
             state[prefix + "bias"] = bias
