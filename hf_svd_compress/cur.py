@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SVDConfig
-from .layers import dense_weight, energy_rank
+from .layers import compose_first, dense_weight, energy_rank
 
 logger = logging.getLogger(__name__)
 
@@ -345,9 +345,7 @@ class CURLinear(nn.Module):
         C, U, R = self.cur_factors()
         with _full_precision(C):
             up, down = C.to(x.dtype), (U @ R).to(x.dtype)
-        m, n, k = self.out_features, self.in_features, self.rank
-        tokens = x.numel() // n
-        if m * n * k + tokens * m * n <= tokens * k * (m + n):  # composing W first is cheaper (see SVDLinear)
+        if compose_first(self.out_features, self.in_features, self.rank, x.numel() // self.in_features):
             return F.linear(x, up @ down, self.bias)
         return F.linear(F.linear(x, down), up, self.bias)
 
@@ -478,9 +476,7 @@ class CompactCURLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down = self.U @ self.R
-        m, n, k = self.out_features, self.in_features, self.rank
-        tokens = x.numel() // n
-        if m * n * k + tokens * m * n <= tokens * k * (m + n):
+        if compose_first(self.out_features, self.in_features, self.rank, x.numel() // self.in_features):
             return F.linear(x, self.C @ down, self.bias)
         return F.linear(F.linear(x, down), self.C, self.bias)
 

@@ -127,12 +127,8 @@ class SVDLinear(nn.Module):
         return self
 
     def use_composed(self, num_tokens: int) -> bool:
-        """Whether composing W first is cheaper than two thin matmuls for `num_tokens` input rows.
-
-        Composed: `m n r` (build W) + `T m n`; factored: `T r (m + n)`. The backward pass has the same ratio.
-        """
-        m, n, r = self.out_features, self.in_features, self.full_rank
-        return m * n * r + num_tokens * m * n <= num_tokens * r * (m + n)
+        """Whether composing W first is cheaper than two thin matmuls for `num_tokens` input rows (`compose_first`)."""
+        return compose_first(self.out_features, self.in_features, self.full_rank, num_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled() and (self.orth_enabled or self.sparsity_kind):
@@ -156,6 +152,15 @@ class SVDLinear(nn.Module):
 
     def _live_s(self) -> torch.Tensor:
         return self.s * self.mask.to(self.s.dtype)
+
+
+def compose_first(out_features: int, in_features: int, rank: int, num_tokens: int) -> bool:
+    """Whether `W = up @ down` (rank `rank`) is cheaper to compose once than to apply as two thin matmuls.
+
+    Composed: `m n r` (build W) + `T m n`; factored: `T r (m + n)`. The backward pass has the same ratio.
+    """
+    m, n = out_features, in_features
+    return m * n * rank + num_tokens * m * n <= num_tokens * rank * (m + n)
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
