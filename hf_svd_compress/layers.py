@@ -176,14 +176,16 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     """Fewest singular values (largest |s| first) whose squared sum reaches `energy` of the total; at least 1."""
     # float64 on the CPU (r values only): float32 cumulative sums lose values below ~1e-7 of the total energy.
     e = s.detach().cpu().double().square().sort(descending=True).values
+    # A threshold hit exactly (0.5 of [1, 1, 1, 1], 0.64 of [4, 3]) must not be missed by the rounding of s itself:
+    # a float32 SVD returns 3.9999998 for 4 on some LAPACK builds, 3e-8 of energy short of 0.64.
+    tolerance = 1e-12 if s.dtype == torch.float64 else 1e-6
     nonzero = int((e > 0).sum())
     if nonzero == 0:
         return 1
     if energy >= 1:
         return nonzero  # all the energy: every non-zero value, however small, and never an exact zero
     cum = e.cumsum(0) / e.sum()
-    # Tolerance so that a threshold hit exactly (e.g. 0.5 of [1, 1, 1, 1]) is not missed by rounding.
-    k = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype)).item()) + 1
+    k = int(torch.searchsorted(cum, torch.tensor(energy - tolerance, dtype=cum.dtype)).item()) + 1
     return max(1, min(k, nonzero))
 
 

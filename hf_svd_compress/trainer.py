@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import SPARSITY_KINDS, SVDConfig
 from .cur import CURLinear, approximation_total, cur_layers
+from .distillation import distillation_loss
 from .factorize import CONFIG_KEY, svd_layers
 from .pruning import prune_
 
@@ -54,6 +55,16 @@ class SVDTrainingArguments(TrainingArguments):
         default=1,
         metadata={"help": "Add the regularizers every k optimizer steps, weighted by k (cheaper, same mean)."},
     )
+    distill_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "With a teacher model: loss = (1 - alpha) task loss + alpha T^2 KL(teacher || student). Unset: "
+            "0.5 when SVDTrainer gets a teacher_model; the CLI and recipes use the dense model as teacher when set."
+        },
+    )
+    distill_temperature: float = field(
+        default=2.0, metadata={"help": "Temperature T of the distillation loss (softens both distributions)."}
+    )
     prune_at_step: int | None = field(
         default=None,
         metadata={"help": "Prune at this optimizer step, then fine-tune with the sparsity regularizer off."},
@@ -81,6 +92,10 @@ class SVDTrainingArguments(TrainingArguments):
             raise ValueError(f"--orth_probes {self.orth_probes}: must be >= 0 (0: exact orthogonality loss).")
         if not self.singular_value_lr_scale > 0:
             raise ValueError(f"--singular_value_lr_scale {self.singular_value_lr_scale}: must be > 0 (1 = no change).")
+        if self.distill_alpha is not None and not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"--distill_alpha {self.distill_alpha}: must be in [0, 1], e.g. 0.5 (0: none).")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"--distill_temperature {self.distill_temperature}: must be > 0, e.g. 2.0.")
         if self.regularizer_interval < 1:
             raise ValueError(f"--regularizer_interval {self.regularizer_interval}: must be >= 1.")
         if self.prune_energy is not None and not 0 < self.prune_energy <= 1:
@@ -131,13 +146,23 @@ class SVDTrainer(Trainer):
     CUR layers (`parameterization="cur"`) that still compute their dense function add
     `approx_weight * sum ||W - C U R||^2 / ||W||^2` the same way, logged as `approx_loss`.
 
+    With a `teacher_model` (typically the dense model the student was factored from), training steps use
+    `(1 - distill_alpha) * task_loss + distill_alpha * T^2 KL(teacher || student)` on the logits, scaled like the
+    regularizers and logged unweighted as `distill_loss`; evaluation reports the task loss alone.
+
     Args:
         svd_config (`SVDConfig`, *optional*): Overrides the config stored on the model by `svd_factorize_`.
+        teacher_model (`nn.Module`, *optional*): A task model with the student's head, kept frozen in eval mode on
+            the training device (one replica per process, not sharded). It must not share parameters with the
+            student: pass a copy made before `svd_factorize_` (`copy.deepcopy(model)`).
         Other arguments are those of `Trainer`.
     """
 
-    def __init__(self, *args, svd_config: SVDConfig | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, svd_config: SVDConfig | None = None, teacher_model: nn.Module | None = None, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.teacher_model, self.distill_alpha = self._prepare_teacher(teacher_model)
         self._svd_layers = list(svd_layers(self.model).values())
         self._cur_layers = list(cur_layers(self.model).values())
         if not self._svd_layers and not self._cur_layers:
@@ -149,7 +174,9 @@ class SVDTrainer(Trainer):
         # A BERT head accepts **kwargs but returns a plain mean loss: the Trainer would then skip the division by
         # the accumulation steps (and scale by the process count). Treat such a loss as a per-batch mean.
         self.model_accepts_loss_kwargs = self.model_accepts_loss_kwargs and _loss_uses_num_items(self.model)
-        self._metrics: dict[str, list[torch.Tensor]] = {"orth_loss": [], "sparsity_loss": [], "approx_loss": []}
+        self._metrics: dict[str, list[torch.Tensor]] = {
+            name: [] for name in ("orth_loss", "sparsity_loss", "approx_loss", "distill_loss")
+        }
         prune_at = getattr(self.args, "prune_at_step", None)
         if prune_at:
             energy, budget = self._pruning_target()
@@ -189,7 +216,16 @@ class SVDTrainer(Trainer):
             layer.orth_enabled = bool(record and orth_w)
             layer.orth_probes = probes
             layer.sparsity_kind = kind if record else None
+        distill = bool(model.training and self.teacher_model is not None and self.distill_alpha)
+        labels = inputs.get("labels")
+        teacher_logits = self._teacher_logits(inputs) if distill else None  # before the Trainer may pop labels
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if distill:
+            temperature = getattr(self.args, "distill_temperature", 2.0)
+            kd = distillation_loss(_logits(outputs), teacher_logits, temperature, labels)
+            kd_scale = self.distill_alpha * self._regularizer_scale(num_items_in_batch)
+            loss = (1 - self.distill_alpha) * loss + (kd_scale * kd).to(loss.dtype)
+            self._metrics["distill_loss"].append(kd.detach())
         if not (approx_layers or record):  # evaluation, or a step without regularizers
             return (loss, outputs) if return_outputs else loss
         scale = interval * self._regularizer_scale(num_items_in_batch)
@@ -213,6 +249,30 @@ class SVDTrainer(Trainer):
                 values.clear()
             logs["rank_fraction"] = _rank_fraction([*self._svd_layers, *self._cur_layers])
         super().log(logs, start_time)
+
+    def _prepare_teacher(self, teacher: nn.Module | None) -> tuple[nn.Module | None, float]:
+        """The frozen teacher on the training device and the distillation weight in force (checked up front)."""
+        alpha = getattr(self.args, "distill_alpha", None)
+        if teacher is None:
+            if alpha:
+                raise ValueError(
+                    f"distill_alpha={alpha} but SVDTrainer got no teacher_model: pass "
+                    "SVDTrainer(teacher_model=dense_model, ...) or leave distill_alpha unset."
+                )
+            return None, 0.0
+        student = {id(p) for p in self.model.parameters()}
+        if teacher is self.model or any(id(p) in student for p in teacher.parameters()):
+            raise ValueError(
+                "teacher_model shares parameters with the model being trained: pass a frozen copy made before "
+                "svd_factorize_, e.g. teacher = copy.deepcopy(model)."
+            )
+        teacher.eval()
+        return teacher.to(self.args.device), 0.5 if alpha is None else float(alpha)
+
+    @torch.no_grad()
+    def _teacher_logits(self, inputs: dict) -> torch.Tensor:
+        teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        return _logits(self.teacher_model(**teacher_inputs)).detach()
 
     def _set_approximation(self, enabled: bool) -> list[CURLinear]:
         """Switch the CUR approximation term on (for layers still computing their dense function) or off."""
@@ -266,6 +326,18 @@ def _scale_singular_value_lr(optimizer: torch.optim.Optimizer, ids: set[int], sc
             group["params"] = [p for p in group["params"] if id(p) not in ids]
             settings = {k: v for k, v in group.items() if k != "params"}
             optimizer.add_param_group({**settings, "params": singular, "lr": group["lr"] * scale})
+
+
+def _logits(outputs) -> torch.Tensor:
+    """The logits of a model output (a `ModelOutput`/dict with `logits`, or a tuple `(loss, logits, ...)`)."""
+    if isinstance(outputs, dict):
+        if "logits" not in outputs:
+            raise ValueError(
+                f"Distillation needs the models' logits, but the output has only {sorted(outputs)}: use a task "
+                "model (AutoModelFor...) as student and teacher."
+            )
+        return outputs["logits"]
+    return outputs[1] if isinstance(outputs, tuple | list) and len(outputs) > 1 else outputs[0]
 
 
 def _first_set(*values):

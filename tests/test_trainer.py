@@ -26,6 +26,7 @@ from hf_svd_compress import (
     current_ranks,
     svd_factorize_,
 )
+from hf_svd_compress.distillation import distillation_loss
 from hf_svd_compress.regularizers import regularizer_totals
 
 SCRIPT = Path(__file__).parent / "scripts" / "one_sgd_step.py"
@@ -125,6 +126,31 @@ def test_two_processes_with_accumulation_match_reference(reference_update, model
     assert max_relative_diff(update, reference_update) < 1e-4
 
 
+# Task loss and distillation alone (the regularizers' scaling is checked above): the update is theirs.
+DISTILL = ("--distill", "--no_regularizers")
+
+
+@pytest.fixture(scope="module")
+def distill_reference(tmp_path_factory, model_kind):
+    return run_step(tmp_path_factory.mktemp("ref_kd"), 8, 1, 1, "--model", model_kind, *DISTILL)
+
+
+def test_distillation_moves_the_reference_step(distill_reference, model_kind, tmp_path):
+    task_only = run_step(tmp_path, 8, 1, 1, "--no_regularizers", "--model", model_kind)
+    assert max_relative_diff(task_only, distill_reference) > 0.1
+
+
+def test_distillation_under_accumulation_matches_reference(distill_reference, model_kind, tmp_path):
+    update = run_step(tmp_path, 4, 2, 1, "--model", model_kind, *DISTILL)
+    assert max_relative_diff(update, distill_reference) < 1e-4
+
+
+@pytest.mark.distributed
+def test_distillation_two_processes_with_accumulation_match_reference(distill_reference, model_kind, tmp_path):
+    update = run_step(tmp_path, 2, 2, 2, "--model", model_kind, *DISTILL)
+    assert max_relative_diff(update, distill_reference) < 1e-4
+
+
 # ---- weights, arguments, logging -------------------------------------------------------------------------------
 
 
@@ -200,6 +226,74 @@ def test_unfactored_model_is_refused(tmp_path):
     model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
     with pytest.raises(ValueError, match="svd_factorize_"):
         SVDTrainer(model=model, args=args(tmp_path), train_dataset=tiny_data())
+
+
+# ---- distillation from a teacher ----------------------------------------------------------------------------------
+
+
+def dense_teacher(seed: int = 5) -> BertForSequenceClassification:
+    """A dense model with the student's shape and other weights, so that the distillation term is far from 0."""
+    torch.manual_seed(seed)
+    teacher = BertForSequenceClassification(tiny_model().config).eval()
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(50.0)  # confident predictions: a random head's logits are nearly uniform
+    return teacher
+
+
+def test_loss_mixes_task_and_distillation_and_logs_it(tmp_path):
+    model, teacher = tiny_model(SVDConfig(orth_weight=0.0, sparsity=None)), dense_teacher()
+    training_args = args(tmp_path, distill_alpha=0.25, distill_temperature=3.0)
+    trainer = SVDTrainer(model=model, args=training_args, train_dataset=tiny_data(), teacher_model=teacher)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    task = model(**batch)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"]).logits
+    kd = distillation_loss(task.logits, teacher_logits, 3.0)
+    assert kd.item() > 0.01  # the check below is not vacuous
+    torch.testing.assert_close(loss, 0.75 * task.loss + 0.25 * kd, rtol=1e-5, atol=1e-6)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["distill_loss"] > 0 for entry in logs)
+    assert not teacher.training and all(p.grad is None for p in teacher.parameters())
+
+
+def test_distillation_pulls_the_student_to_the_teacher(tmp_path):
+    def kl_after(alpha: float) -> float:
+        model, teacher = tiny_model(SVDConfig(orth_weight=0.0, sparsity=None)), dense_teacher()
+        training_args = args(tmp_path / str(alpha), max_steps=16, learning_rate=5e-3, distill_alpha=alpha)
+        SVDTrainer(model=model, args=training_args, train_dataset=tiny_data(), teacher_model=teacher).train()
+        ids = torch.tensor(tiny_data()["input_ids"])
+        model.eval()
+        with torch.no_grad():
+            return distillation_loss(model(input_ids=ids).logits, teacher(input_ids=ids).logits).item()
+
+    assert kl_after(1.0) < 0.5 * kl_after(0.0)
+
+
+def test_eval_loss_has_no_distillation(tmp_path):
+    model = tiny_model(SVDConfig(sparsity=None))
+    eval_args = args(tmp_path, per_device_eval_batch_size=16, distill_alpha=0.9)
+    trainer = SVDTrainer(model=model, args=eval_args, eval_dataset=tiny_data(16), teacher_model=dense_teacher())
+    metrics = trainer.evaluate()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
+    with torch.no_grad():
+        assert metrics["eval_loss"] == pytest.approx(model.eval()(**batch).loss.item(), rel=1e-4)
+
+
+def test_distillation_settings_are_checked_up_front(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="no teacher_model"):
+        SVDTrainer(model=model, args=args(tmp_path, distill_alpha=0.5), train_dataset=tiny_data())
+    with pytest.raises(ValueError, match="shares parameters"):
+        SVDTrainer(model=model, args=args(tmp_path), train_dataset=tiny_data(), teacher_model=model)
+    with pytest.raises(ValueError, match="distill_alpha 1.5"):
+        args(tmp_path, distill_alpha=1.5)
+    with pytest.raises(ValueError, match="distill_temperature 0"):
+        args(tmp_path, distill_temperature=0.0)
+    trainer = SVDTrainer(model=model, args=args(tmp_path), train_dataset=tiny_data(), teacher_model=dense_teacher())
+    assert trainer.distill_alpha == 0.5  # unset: the default weight with a teacher
 
 
 # ---- pruning during training, checkpoints, gradient checkpointing -------------------------------------------------

@@ -95,6 +95,8 @@ def train(
     sparsity_on: bool = False,
     s_lr_scale: float = 1.0,
     seed: int | None = None,
+    teacher: torch.nn.Module | None = None,
+    distill_alpha: float = 0.0,
 ) -> dict[str, Any]:
     """Train `model` in place for `steps` optimizer steps; returns the wall time and the last logged losses.
 
@@ -102,6 +104,7 @@ def train(
     factors train freely (classic low-rank fine-tuning, no regularizer); otherwise with `reg.orth_weight` and, if
     `sparsity_on`, the sparsity regularizer. `s_lr_scale` multiplies the learning rate of the singular values.
     `seed` (default `settings.seed`) is the Trainer's seed: the order of the training batches and the dropout masks.
+    With `distill_alpha` > 0 a factored model also learns from `teacher`'s logits (`SVDTrainer(teacher_model=)`).
     """
     if steps <= 0:
         return {"steps": 0, "wall_s": 0.0}
@@ -109,6 +112,11 @@ def train(
     seed = settings.seed if seed is None else seed
     args = _training_args(settings, steps, learning_rate, factored, reg, sparsity_on, seed)
     optimizer = _s_lr_optimizer(model, learning_rate, s_lr_scale) if s_lr_scale != 1 else None
+    extra: dict[str, Any] = {}
+    if distill_alpha:
+        if not factored or teacher is None:
+            raise ValueError("Distillation needs a factored model and a teacher.")
+        args.distill_alpha, extra["teacher_model"] = distill_alpha, teacher
     trainer_cls = SVDTrainer if factored else Trainer
     trainer = trainer_cls(
         model=model,
@@ -116,13 +124,15 @@ def train(
         train_dataset=setup.train_dataset,
         data_collator=setup.data_collator,
         optimizers=(optimizer, None),
+        **extra,
     )
     trainer.remove_callback(PrinterCallback)  # losses go to the result file, not the console
     start = time.perf_counter()
     output = trainer.train()
     wall = time.perf_counter() - start
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    last = {k: logs[-1][k] for k in ("loss", "orth_loss", "sparsity_loss", "approx_loss") if logs and k in logs[-1]}
+    keys = ("loss", "orth_loss", "sparsity_loss", "approx_loss", "distill_loss")
+    last = {k: logs[-1][k] for k in keys if logs and k in logs[-1]}
     shutil.rmtree(args.output_dir, ignore_errors=True)
     return {
         "steps": steps,

@@ -37,34 +37,44 @@ class RegConfig:
         sparsity (`str`, defaults to `"hoyer"`): `"l1"`, `"hoyer"` or `"hoyer_square"`.
         s_lr_scale (`float`, defaults to 1.0): Learning rate of the singular values `s` during the regularized
             stage, as a multiple of the learning rate of everything else (1: one learning rate for all).
+        distill_alpha (`float`, defaults to 0.0): Weight of the distillation loss from the dense fine-tuned model
+            (the common starting point) in both stages of ours (`SVDTrainer(teacher_model=...)`); 0: none.
     """
 
     orth_weight: float = 0.1
     sparsity_weight: float = 1e-3
     sparsity: str = "hoyer"
     s_lr_scale: float = 1.0
+    distill_alpha: float = 0.0
 
     @property
     def key(self) -> str:
-        """A file-name-safe identifier, e.g. `o0.1_hoyer0.001_slr1`."""
-        return f"o{self.orth_weight:g}_{self.sparsity}{self.sparsity_weight:g}_slr{self.s_lr_scale:g}"
+        """A file-name-safe identifier, e.g. `o0.1_hoyer0.001_slr1` (`_kd0.5` appended with distillation)."""
+        key = f"o{self.orth_weight:g}_{self.sparsity}{self.sparsity_weight:g}_slr{self.s_lr_scale:g}"
+        return key + (f"_kd{self.distill_alpha:g}" if self.distill_alpha else "")
 
     @property
     def label(self) -> str:
         """A short human-readable description for tables."""
-        return f"orth {self.orth_weight:g}, {self.sparsity} {self.sparsity_weight:g}, s lr x{self.s_lr_scale:g}"
+        text = f"orth {self.orth_weight:g}, {self.sparsity} {self.sparsity_weight:g}, s lr x{self.s_lr_scale:g}"
+        return text + (f", distillation {self.distill_alpha:g}" if self.distill_alpha else "")
 
     @classmethod
     def parse(cls, spec: str) -> RegConfig:
-        """`"orth:sparsity_weight[:s_lr_scale[:sparsity]]"`, e.g. `"0.1:1e-3"` or `"0.1:1e-2:30"`."""
+        """`"orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha]]]"`, e.g. `"0.1:1e-3"`, `"0.1:1e-2:30"` or
+        `"0.1:1e-2:1000:hoyer:0.5"`."""
         parts = spec.split(":")
-        if not 2 <= len(parts) <= 4:
-            raise ValueError(f"--sweep entry {spec!r}: use orth:sparsity_weight[:s_lr_scale[:sparsity]].")
+        if not 2 <= len(parts) <= 5:
+            raise ValueError(
+                f"--sweep entry {spec!r}: use orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha]]]."
+            )
         kwargs: dict[str, Any] = {"orth_weight": float(parts[0]), "sparsity_weight": float(parts[1])}
         if len(parts) > 2:
             kwargs["s_lr_scale"] = float(parts[2])
         if len(parts) > 3:
             kwargs["sparsity"] = parts[3]
+        if len(parts) > 4:
+            kwargs["distill_alpha"] = float(parts[4])
         return cls(**kwargs)
 
 

@@ -258,6 +258,7 @@ class Bench:
             sparsity_on=True,
             s_lr_scale=reg.s_lr_scale,
             seed=seed,
+            **self.distillation(reg),
         )
         folder.mkdir(parents=True, exist_ok=True)
         # The state dict under the in-memory names: `save_pretrained` renames some modules on the way out
@@ -267,6 +268,12 @@ class Bench:
         if parameterization != "svd":
             result["parameterization"] = parameterization
         return self.cache.save(name, fingerprint, {**result, "created": time.time()})
+
+    def distillation(self, config: RegConfig) -> dict[str, Any]:
+        """`train` keywords for `config`'s distillation: the dense fine-tuned model (untouched) as the teacher."""
+        if not config.distill_alpha:
+            return {}
+        return {"teacher": self.setup().model, "distill_alpha": config.distill_alpha}
 
     def load_regularized(self, config: RegConfig, seed: int, parameterization: str = "svd") -> torch.nn.Module:
         """The saved regularized model: the dense model factored at full rank, then its trained state loaded."""
@@ -316,7 +323,8 @@ class Bench:
             self.record(names["pruned"], fingerprint, model, ("test",), **pruned)
         steps = self.settings.finetune_steps
         log(f"{names['ft']}: fine-tuning {steps} steps (seed {seed})")
-        training = train(model, self.setup(), self.settings, steps, self.settings.learning_rate, reg, seed=seed)
+        lr = self.settings.learning_rate
+        training = train(model, self.setup(), self.settings, steps, lr, reg, seed=seed, **self.distillation(reg))
         method = "ours" if parameterization == "svd" else f"ours_{parameterization}"
         result = self.record(names["ft"], fingerprint, model, splits, **info, method=method, train=training)
         log(f"{method} @ {budget:.0%} [{reg.label}]: {time.perf_counter() - start:.0f} s")

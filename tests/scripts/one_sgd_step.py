@@ -2,7 +2,8 @@
 
 Run it as a single process or under `accelerate launch --multi_gpu --num_processes 2` (two gloo processes on the
 CPU). With 8 examples and `max_steps=1`, every configuration sees the same 8 examples in its one step, so the
-update `-lr * grad` must match the single-process, no-accumulation reference.
+update `-lr * grad` must match the single-process, no-accumulation reference. `--distill` adds the distillation
+term from a dense teacher, which must scale the same way.
 """
 
 import argparse
@@ -17,9 +18,9 @@ from hf_svd_compress import SVDConfig, SVDTrainer, SVDTrainingArguments, svd_fac
 SVD = SVDConfig(sparsity="hoyer_square", sparsity_weight=0.5, orth_weight=2.0)
 
 
-def tiny_factored_vit() -> ViTForImageClassification:
+def tiny_factored_vit(seed: int = 0) -> ViTForImageClassification:
     """ViT's head normalizes its loss by `num_items_in_batch`: the Trainer's other scaling branch."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = ViTConfig(
         hidden_size=32,
         num_hidden_layers=2,
@@ -31,11 +32,12 @@ def tiny_factored_vit() -> ViTForImageClassification:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return svd_factorize_(ViTForImageClassification(config), SVD)
+    model = ViTForImageClassification(config)
+    return svd_factorize_(model, SVD) if seed == 0 else model
 
 
-def tiny_factored_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
+def tiny_factored_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
     config = BertConfig(
         hidden_size=32,
         num_hidden_layers=2,
@@ -46,7 +48,16 @@ def tiny_factored_bert() -> BertForSequenceClassification:
         attention_probs_dropout_prob=0.0,
         num_labels=3,
     )
-    return svd_factorize_(BertForSequenceClassification(config), SVD)
+    model = BertForSequenceClassification(config)
+    return svd_factorize_(model, SVD) if seed == 0 else model
+
+
+def dense_teacher(model_kind: str) -> torch.nn.Module:
+    """The same architecture, dense, other weights and a confident head: the distillation term is far from 0."""
+    teacher = tiny_factored_vit(seed=7) if model_kind == "vit" else tiny_factored_bert(seed=7)
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(30.0)
+    return teacher
 
 
 def data(model_kind: str) -> Dataset:
@@ -64,6 +75,7 @@ def main() -> None:
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--no_regularizers", action="store_true")
     parser.add_argument("--model", choices=["bert", "vit"], default="bert")
+    parser.add_argument("--distill", action="store_true", help="Also distill from a dense teacher (alpha 0.5).")
     parser.add_argument("--out", required=True)
     cli = parser.parse_args()
 
@@ -90,8 +102,10 @@ def main() -> None:
         use_cpu=True,
         orth_weight=0.0 if cli.no_regularizers else None,
         sparsity="none" if cli.no_regularizers else None,
+        distill_alpha=0.5 if cli.distill else None,
     )
-    trainer = SVDTrainer(model=model, args=args, train_dataset=data(cli.model))
+    teacher = dense_teacher(cli.model) if cli.distill else None
+    trainer = SVDTrainer(model=model, args=args, train_dataset=data(cli.model), teacher_model=teacher)
     trainer.train()
     if trainer.is_world_process_zero():
         update = {n: (p.detach() - before[n]).contiguous() for n, p in model.named_parameters()}
