@@ -6,6 +6,7 @@ metrics) comes in as a `TaskSetup`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -137,16 +138,18 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
         _train(Trainer, setup, _stage_args(args, pipeline_args.dense_steps, "dense"))
     summary["accuracy"]["dense"] = _evaluate(Trainer, setup, args)
     summary["parameters_dense"] = sum(p.numel() for p in model.parameters())
+    # With distillation the dense model, as it is now, teaches the factored one in the SVD and fine-tuning stages.
+    teacher = copy.deepcopy(model).eval() if args.distill_alpha else None
 
     stage("2/5 factoring the target layers (full-rank SVD)", args)
     svd_factorize_(model, config)
     summary["spectra_initial"] = _spectra(model)
 
     stage(f"3/5 SVD training with regularizers for {pipeline_args.svd_steps} steps", args)
-    _train(SVDTrainer, setup, _stage_args(args, pipeline_args.svd_steps, "svd"))
+    _train(SVDTrainer, setup, _stage_args(args, pipeline_args.svd_steps, "svd"), teacher)
     summary["spectra_trained"] = _spectra(model)
     _save_factored(setup, Path(args.output_dir) / "factored", args)
-    summary["accuracy"]["factored"] = _evaluate(SVDTrainer, setup, args)
+    summary["accuracy"]["factored"] = _evaluate(SVDTrainer, setup, args, teacher)
 
     how = {"method": "budget", "budget": config.prune_budget} if config.prune_budget else None
     how = how or {"method": "energy", "energy": config.prune_energy}
@@ -155,13 +158,13 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
         how["rank_multiple"] = config.prune_rank_multiple
     prune_(model, energy=how.get("energy"), budget=how.get("budget"), rank_multiple=config.prune_rank_multiple)
     summary["ranks"] = truncate_(model)
-    summary["accuracy"]["pruned"] = _evaluate(SVDTrainer, setup, args)
+    summary["accuracy"]["pruned"] = _evaluate(SVDTrainer, setup, args, teacher)
     if pipeline_args.finetune_steps:
         ft_args = _stage_args(
             args, pipeline_args.finetune_steps, "finetune", sparsity="none", singular_value_lr_scale=1.0
         )
-        _train(SVDTrainer, setup, ft_args)
-    summary["accuracy"]["compressed"] = _evaluate(SVDTrainer, setup, args)
+        _train(SVDTrainer, setup, ft_args, teacher)
+    summary["accuracy"]["compressed"] = _evaluate(SVDTrainer, setup, args, teacher)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
 
     stage(f"5/5 exporting to {export_dir}", args)
@@ -192,15 +195,19 @@ def _stage_args(args: SVDTrainingArguments, steps: int, name: str, **overrides) 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     # The pipeline prunes between stages itself, so no stage prunes during training.
     values.update(max_steps=steps, output_dir=str(Path(args.output_dir) / name), prune_at_step=None, **overrides)
+    values["prune_start_step"] = None
     return type(args)(**values)
 
 
-def _train(trainer_cls, setup: TaskSetup, args: TrainingArguments) -> None:
-    trainer = _trainer(trainer_cls, setup, args)
+def _train(trainer_cls, setup: TaskSetup, args: TrainingArguments, teacher: torch.nn.Module | None = None) -> None:
+    trainer = _trainer(trainer_cls, setup, args, teacher)
     trainer.train()
 
 
-def _trainer(trainer_cls, setup: TaskSetup, args: TrainingArguments) -> Trainer:
+def _trainer(
+    trainer_cls, setup: TaskSetup, args: TrainingArguments, teacher: torch.nn.Module | None = None
+) -> Trainer:
+    extra = {"teacher_model": teacher} if trainer_cls is SVDTrainer else {}
     return trainer_cls(
         model=setup.model,
         args=args,
@@ -209,12 +216,16 @@ def _trainer(trainer_cls, setup: TaskSetup, args: TrainingArguments) -> Trainer:
         data_collator=setup.data_collator,
         processing_class=setup.processing_class,
         compute_metrics=setup.compute_metrics,
+        **extra,
     )
 
 
-def _evaluate(trainer_cls, setup: TaskSetup, args: TrainingArguments) -> dict[str, float]:
-    """Validation (and test, if given) metrics of the model as it is now."""
-    trainer = _trainer(trainer_cls, setup, args)
+def _evaluate(
+    trainer_cls, setup: TaskSetup, args: TrainingArguments, teacher: torch.nn.Module | None = None
+) -> dict[str, float]:
+    """Validation (and test, if given) metrics of the model as it is now (a teacher only satisfies the trainer's
+    distillation check: evaluation reports the task loss)."""
+    trainer = _trainer(trainer_cls, setup, args, teacher)
     results = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items() if "accuracy" in k or "f1" in k}
     if setup.test_dataset is not None:
         test = trainer.evaluate(setup.test_dataset, metric_key_prefix="test")
@@ -229,7 +240,7 @@ def _spectra(model: torch.nn.Module) -> dict[str, list[float]]:
 
 def _training_settings(pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> dict[str, Any]:
     keys = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "orth_weight")
-    keys += ("sparsity", "sparsity_weight", "seed")
+    keys += ("sparsity", "sparsity_weight", "singular_value_lr_scale", "distill_alpha", "distill_temperature", "seed")
     return {**dataclasses.asdict(pipeline_args), **{k: getattr(args, k) for k in keys}}
 
 

@@ -69,6 +69,13 @@ class SVDTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Prune at this optimizer step, then fine-tune with the sparsity regularizer off."},
     )
+    prune_start_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prune gradually from this step to prune_at_step: the kept fraction falls on a cubic schedule "
+            "(Zhu & Gupta 2017, AdaLoRA) so the model adapts to each cut. Unset: one cut at prune_at_step."
+        },
+    )
     prune_energy: float | None = field(
         default=None, metadata={"help": "Energy each layer keeps when pruning at prune_at_step, in (0, 1]."}
     )
@@ -104,6 +111,13 @@ class SVDTrainingArguments(TrainingArguments):
             raise ValueError(f"--prune_budget {self.prune_budget}: must be in (0, 1), e.g. 0.5.")
         if self.prune_rank_multiple is not None and self.prune_rank_multiple < 1:
             raise ValueError(f"--prune_rank_multiple {self.prune_rank_multiple}: must be >= 1 (1: no rounding).")
+        if self.prune_start_step is not None and not (
+            self.prune_at_step is not None and 0 <= self.prune_start_step < self.prune_at_step
+        ):
+            raise ValueError(
+                f"--prune_start_step {self.prune_start_step}: needs --prune_at_step greater than it "
+                f"(got {self.prune_at_step}); gradual pruning runs from the start step to prune_at_step."
+            )
         if self.prune_energy is not None and self.prune_budget is not None:
             raise ValueError("Set only one of --prune_energy and --prune_budget.")
         if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
@@ -112,24 +126,52 @@ class SVDTrainingArguments(TrainingArguments):
 
 
 class SVDPruningCallback(TrainerCallback):
-    """Prune singular values (masks only, DDP-safe) at the end of optimizer step `at_step`.
+    """Prune singular values (masks only, DDP-safe) at the end of optimizer step `at_step`, or gradually.
+
+    With `start_step`, every step from `start_step` to `at_step` masks a little more: the pruned fraction of the
+    target (`1 - budget` or `1 - energy`) grows as `1 - (1 - p)^3` with the progress `p` from 0 to 1, the cubic
+    schedule of gradual magnitude pruning (Zhu & Gupta 2017) and AdaLoRA. Masked values stay masked, so each cut
+    only removes values; the last one is exactly the `at_step` target.
 
     Args:
-        at_step (`int`): The optimizer step after which to prune.
+        at_step (`int`): The optimizer step after which the target is reached.
         energy (`float`, *optional*): Energy each layer keeps (see `prune_`).
         budget (`float`, *optional*): Global parameter fraction kept (see `prune_`).
         rank_multiple (`int`, defaults to 1): Round the ranks up to a multiple of this (see `prune_`).
+        start_step (`int`, *optional*): First step of gradual pruning (below `at_step`); unset: one cut.
     """
 
     def __init__(
-        self, at_step: int, energy: float | None = None, budget: float | None = None, rank_multiple: int = 1
+        self,
+        at_step: int,
+        energy: float | None = None,
+        budget: float | None = None,
+        rank_multiple: int = 1,
+        start_step: int | None = None,
     ) -> None:
+        if start_step is not None and not 0 <= start_step < at_step:
+            raise ValueError(f"start_step={start_step}: must be in [0, at_step={at_step}) for gradual pruning.")
         self.at_step, self.energy, self.budget, self.rank_multiple = at_step, energy, budget, rank_multiple
+        self.start_step = start_step
         self.ranks: dict[str, int] | None = None
 
+    def target(self, step: int) -> tuple[float | None, float | None]:
+        """`(energy, budget)` to prune to after optimizer step `step`; `(None, None)` for no cut."""
+        if step == self.at_step:
+            return self.energy, self.budget
+        if self.start_step is None or not self.start_step <= step < self.at_step:
+            return None, None
+        pruned = 1 - (1 - (step - self.start_step) / (self.at_step - self.start_step)) ** 3
+        energy = None if self.energy is None else 1 - (1 - self.energy) * pruned
+        budget = None if self.budget is None else 1 - (1 - self.budget) * pruned
+        if (budget is not None and budget >= 1) or (energy is not None and energy >= 1):
+            return None, None  # the first step of the schedule cuts nothing
+        return energy, budget
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.at_step and model is not None:
-            self.ranks = prune_(model, energy=self.energy, budget=self.budget, rank_multiple=self.rank_multiple)
+        energy, budget = self.target(state.global_step)
+        if model is not None and (energy is not None or budget is not None):
+            self.ranks = prune_(model, energy=energy, budget=budget, rank_multiple=self.rank_multiple)
             logger.info("Pruned at step %d: ranks %s", state.global_step, self.ranks)
             control.should_log = True
         return control
@@ -181,7 +223,9 @@ class SVDTrainer(Trainer):
         if prune_at:
             energy, budget = self._pruning_target()
             multiple = _first_set(getattr(self.args, "prune_rank_multiple", None), self.svd_config.prune_rank_multiple)
-            self.add_callback(SVDPruningCallback(prune_at, energy=energy, budget=budget, rank_multiple=multiple))
+            start = getattr(self.args, "prune_start_step", None)
+            pruning = SVDPruningCallback(prune_at, energy, budget, rank_multiple=multiple, start_step=start)
+            self.add_callback(pruning)
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with the singular values in their own groups at a scaled learning rate."""

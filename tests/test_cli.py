@@ -50,6 +50,16 @@ def test_compress_runs_every_stage_and_exports(compressed_run):
         assert model(input_ids=torch.tensor([[2, 5, 9]])).logits.shape == (1, 3)
 
 
+def test_compress_distills_from_the_dense_model(tiny_text_model, tiny_text_csv, tmp_path):
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv)]
+    args += ["--output_dir", str(tmp_path / "o"), "--prune_energy", "0.8", "--distill_alpha", "0.7", *FAST]
+    result = run(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    # The SVD (3 steps) and fine-tuning (2 steps) stages log the distillation term at every step, dense does not.
+    assert result.stdout.count("'distill_loss'") == 5
+    assert '"distill_alpha": 0.7' in (tmp_path / "o" / "compressed" / "README.md").read_text()  # model card
+
+
 def test_prune_reprunes_the_factored_checkpoint(compressed_run):
     out, _ = compressed_run
     target = out / "reprune"

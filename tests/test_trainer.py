@@ -21,6 +21,7 @@ from transformers import (
 
 from hf_svd_compress import (
     SVDConfig,
+    SVDPruningCallback,
     SVDTrainer,
     SVDTrainingArguments,
     current_ranks,
@@ -310,6 +311,35 @@ def test_prune_at_step_then_fine_tune_without_sparsity(tmp_path):
     assert all("sparsity_loss" in entry for entry in logs if entry["step"] <= 3)
     assert all("sparsity_loss" not in entry for entry in logs if entry["step"] > 3)
     assert logs[-1]["rank_fraction"] < 1.0
+
+
+def test_gradual_pruning_follows_the_cubic_schedule_to_the_budget(tmp_path):
+    model = tiny_model(SVDConfig(sparsity="hoyer", sparsity_weight=0.05, prune_rank_multiple=1))
+    kw = dict(max_steps=8, prune_start_step=2, prune_at_step=6, prune_budget=0.4, logging_steps=1)
+    trainer = SVDTrainer(model=model, args=args(tmp_path, **kw), train_dataset=tiny_data())
+    (pruning,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SVDPruningCallback)]
+    budgets = [pruning.target(step)[1] for step in range(9)]
+    assert budgets[:3] == [None, None, None] and budgets[7:] == [None, None]  # step 2: progress 0 cuts nothing
+    assert budgets[6] == 0.4 and budgets[3] > budgets[4] > budgets[5] > budgets[6]
+    assert budgets[3] == pytest.approx(1 - 0.6 * (1 - 0.75**3))
+    trainer.train()
+    fractions = [e["rank_fraction"] for e in trainer.state.log_history if "loss" in e]
+    assert fractions[:2] == [1.0, 1.0] and fractions[2] > fractions[3] > fractions[4] > fractions[5]
+    assert fractions[5:] == [fractions[5]] * 3  # nothing more after prune_at_step
+    layers = trainer._svd_layers
+    kept = sum(layer.rank * (layer.in_features + layer.out_features) for layer in layers)
+    assert kept <= 0.4 * sum(layer.in_features * layer.out_features for layer in layers)
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all("sparsity_loss" in e for e in logs if e["step"] <= 6)  # on while pruning, off after
+    assert all("sparsity_loss" not in e for e in logs if e["step"] > 6)
+
+
+@pytest.mark.parametrize("bad", [{"prune_start_step": 3}, {"prune_start_step": 4, "prune_at_step": 4}])
+def test_gradual_pruning_needs_a_later_prune_at_step(tmp_path, bad):
+    with pytest.raises(ValueError, match="--prune_start_step"):
+        args(tmp_path, prune_budget=0.5, **bad)
+    with pytest.raises(ValueError, match="start_step=5"):
+        SVDPruningCallback(at_step=5, budget=0.5, start_step=5)
 
 
 class StopAfter(TrainerCallback):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import tempfile
@@ -97,6 +98,7 @@ def train(
     seed: int | None = None,
     teacher: torch.nn.Module | None = None,
     distill_alpha: float = 0.0,
+    pruning: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place for `steps` optimizer steps; returns the wall time and the last logged losses.
 
@@ -105,6 +107,7 @@ def train(
     `sparsity_on`, the sparsity regularizer. `s_lr_scale` multiplies the learning rate of the singular values.
     `seed` (default `settings.seed`) is the Trainer's seed: the order of the training batches and the dropout masks.
     With `distill_alpha` > 0 a factored model also learns from `teacher`'s logits (`SVDTrainer(teacher_model=)`).
+    `pruning` sets `SVDTrainingArguments` pruning fields (`prune_start_step`, `prune_at_step`, `prune_budget`, ...).
     """
     if steps <= 0:
         return {"steps": 0, "wall_s": 0.0}
@@ -117,6 +120,10 @@ def train(
         if not factored or teacher is None:
             raise ValueError("Distillation needs a factored model and a teacher.")
         args.distill_alpha, extra["teacher_model"] = distill_alpha, teacher
+    if pruning:
+        if not isinstance(args, SVDTrainingArguments):
+            raise ValueError("Pruning during training needs a factored model.")
+        args = dataclasses.replace(args, **pruning)  # validated again in __post_init__
     trainer_cls = SVDTrainer if factored else Trainer
     trainer = trainer_cls(
         model=model,

@@ -27,6 +27,10 @@ METHOD_LABELS = {
 PARAMETERIZATIONS = ("householder", "sttp", "cur")
 
 
+# Gradual pruning (`RegConfig.gradual`) starts at this fraction of the S stage and reaches the budget at its end.
+GRADUAL_START = 0.2
+
+
 @dataclass(frozen=True)
 class RegConfig:
     """The regularizer settings of "ours" (SVD training); one point of the sweep.
@@ -39,6 +43,10 @@ class RegConfig:
             stage, as a multiple of the learning rate of everything else (1: one learning rate for all).
         distill_alpha (`float`, defaults to 0.0): Weight of the distillation loss from the dense fine-tuned model
             (the common starting point) in both stages of ours (`SVDTrainer(teacher_model=...)`); 0: none.
+        gradual (`bool`, defaults to False): Prune gradually to the budget during the S stage
+            (`prune_start_step` at `GRADUAL_START` of it, cubic schedule) instead of one cut after it; the S stage
+            then runs once per budget.
+        budget (`float`, *optional*): The budget a gradual S stage prunes to (set per run by `for_budget`).
     """
 
     orth_weight: float = 0.1
@@ -46,27 +54,37 @@ class RegConfig:
     sparsity: str = "hoyer"
     s_lr_scale: float = 1.0
     distill_alpha: float = 0.0
+    gradual: bool = False
+    budget: float | None = None
 
     @property
     def key(self) -> str:
-        """A file-name-safe identifier, e.g. `o0.1_hoyer0.001_slr1` (`_kd0.5` appended with distillation)."""
+        """A file-name-safe identifier, e.g. `o0.1_hoyer0.001_slr1` (`_kd0.5` appended with distillation,
+        `_gradual` with gradual pruning, `_b50` for the budget of a gradual S stage)."""
         key = f"o{self.orth_weight:g}_{self.sparsity}{self.sparsity_weight:g}_slr{self.s_lr_scale:g}"
-        return key + (f"_kd{self.distill_alpha:g}" if self.distill_alpha else "")
+        key += f"_kd{self.distill_alpha:g}" if self.distill_alpha else ""
+        key += "_gradual" if self.gradual else ""
+        return key + (f"_b{round(100 * self.budget)}" if self.budget is not None else "")
 
     @property
     def label(self) -> str:
         """A short human-readable description for tables."""
         text = f"orth {self.orth_weight:g}, {self.sparsity} {self.sparsity_weight:g}, s lr x{self.s_lr_scale:g}"
-        return text + (f", distillation {self.distill_alpha:g}" if self.distill_alpha else "")
+        text += f", distillation {self.distill_alpha:g}" if self.distill_alpha else ""
+        return text + (", gradual pruning" if self.gradual else "")
+
+    def for_budget(self, budget: float) -> RegConfig:
+        """The config of the S stage behind ours at `budget`: per budget when pruning gradually, else shared."""
+        return dataclasses.replace(self, budget=budget) if self.gradual else self
 
     @classmethod
     def parse(cls, spec: str) -> RegConfig:
-        """`"orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha]]]"`, e.g. `"0.1:1e-3"`, `"0.1:1e-2:30"` or
-        `"0.1:1e-2:1000:hoyer:0.5"`."""
+        """`"orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual]]]]"`, e.g. `"0.1:1e-3"`,
+        `"0.1:1e-2:30"`, `"0.1:1e-2:1000:hoyer:0.5"` or `"0.1:1e-2:1000:hoyer:0.5:gradual"`."""
         parts = spec.split(":")
-        if not 2 <= len(parts) <= 5:
+        if not 2 <= len(parts) <= 6 or (len(parts) == 6 and parts[5] not in ("gradual", "")):
             raise ValueError(
-                f"--sweep entry {spec!r}: use orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha]]]."
+                f"--sweep entry {spec!r}: use orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual]]]]."
             )
         kwargs: dict[str, Any] = {"orth_weight": float(parts[0]), "sparsity_weight": float(parts[1])}
         if len(parts) > 2:
@@ -75,6 +93,8 @@ class RegConfig:
             kwargs["sparsity"] = parts[3]
         if len(parts) > 4:
             kwargs["distill_alpha"] = float(parts[4])
+        if len(parts) > 5:
+            kwargs["gradual"] = parts[5] == "gradual"
         return cls(**kwargs)
 
 

@@ -17,7 +17,7 @@ from hf_svd_compress.pipeline import TaskSetup
 
 from .asvd import activation_scales, asvd_factorize_, normalize_columns_, target_names
 from .core import energy_kept, evaluate_splits, export_stats, factored_stats, file_stats, load_task, train
-from .settings import PARAMETERIZATIONS, RegConfig, ResultCache, Settings, effective_config, result_name
+from .settings import GRADUAL_START, PARAMETERIZATIONS, RegConfig, ResultCache, Settings, effective_config, result_name
 
 # Plain truncated SVD: no regularizer at any point (factors then train freely).
 BASELINE_CONFIG = SVDConfig(orth_weight=0.0, sparsity=None)
@@ -258,6 +258,7 @@ class Bench:
             sparsity_on=True,
             s_lr_scale=reg.s_lr_scale,
             seed=seed,
+            pruning=self.gradual_pruning(reg),
             **self.distillation(reg),
         )
         folder.mkdir(parents=True, exist_ok=True)
@@ -268,6 +269,15 @@ class Bench:
         if parameterization != "svd":
             result["parameterization"] = parameterization
         return self.cache.save(name, fingerprint, {**result, "created": time.time()})
+
+    def gradual_pruning(self, config: RegConfig) -> dict[str, Any] | None:
+        """`SVDTrainingArguments` fields of a gradual S stage: from `GRADUAL_START` of it to its last step, to the
+        budget, with the ranks of `prune_(model, budget=b)` (no rounding) as for every other method."""
+        if config.budget is None:
+            return None
+        steps = self.settings.svd_steps
+        start = min(steps - 1, round(GRADUAL_START * steps))
+        return dict(prune_start_step=start, prune_at_step=steps, prune_budget=config.budget, prune_rank_multiple=1)
 
     def distillation(self, config: RegConfig) -> dict[str, Any]:
         """`train` keywords for `config`'s distillation: the dense fine-tuned model (untouched) as the teacher."""
@@ -305,8 +315,9 @@ class Bench:
     ) -> dict[str, Any]:
         """Prune the regularized model of `seed` (in `parameterization`) to `budget`, then fine-tune `finetune_steps`
         steps (sparsity off) with `seed`."""
-        regularized = self.run_regularized(config, seed, parameterization)
-        fingerprint = {**self.regularized_fingerprint(config, seed, parameterization)}
+        stage = config.for_budget(budget)  # the S stage behind this result
+        regularized = self.run_regularized(stage, seed, parameterization)
+        fingerprint = {**self.regularized_fingerprint(stage, seed, parameterization)}
         fingerprint["regularized_created"] = regularized["created"]
         names = self.ours_names(config, budget, seed, parameterization)
         cached = self.cached(names["ft"], fingerprint, splits)
@@ -314,8 +325,8 @@ class Bench:
             log(f"{names['ft']}: cached")
             return cached
         start, reg = time.perf_counter(), effective_config(config, parameterization)
-        model = self.load_regularized(config, seed, parameterization)
-        prune_(model, budget=budget)
+        model = self.load_regularized(stage, seed, parameterization)
+        prune_(model, budget=budget)  # after a gradual S stage: already there, masks unchanged
         info = {"budget": budget, "config": reg, "seed": seed, "energy_kept": energy_kept(model)}
         truncate_(model)
         if "pruned" in names:
@@ -341,12 +352,13 @@ class Bench:
         """The stored sweep results (ours at the sweep budget, with a validation score, seed `settings.seed`)."""
         results = []
         for config in self.settings.sweep:
+            stage = config.for_budget(self.settings.sweep_budget)
             regularized = self.cache.load(
-                result_name("regularized", None, config), self.fingerprint("ours", config=config), ignore_force=True
+                result_name("regularized", None, stage), self.fingerprint("ours", config=stage), ignore_force=True
             )
             if regularized is None:
                 continue
-            fingerprint = self.fingerprint("ours", config=config, regularized_created=regularized["created"])
+            fingerprint = self.fingerprint("ours", config=stage, regularized_created=regularized["created"])
             name = result_name("ours", self.settings.sweep_budget, config)
             result = self.cache.load(name, fingerprint, ignore_force=True)
             pruned = self.cache.load(name.replace("ours@", "ours_pruned@"), fingerprint, ignore_force=True)
@@ -408,18 +420,20 @@ class Bench:
     def _collect_ours(
         self, config: RegConfig, seed: int, parameterization: str = "svd"
     ) -> list[dict[str, Any] | None]:
-        """Ours (pruned for "svd", and fine-tuned) at every budget from the regularized model of `seed`."""
-        regularized = self.cache.load(
-            self.regularized_name(config, seed, parameterization),
-            self.regularized_fingerprint(config, seed, parameterization),
-            ignore_force=True,
-        )
-        if regularized is None:
-            return []
-        fingerprint = self.regularized_fingerprint(config, seed, parameterization)
-        fingerprint["regularized_created"] = regularized["created"]
+        """Ours (pruned for "svd", and fine-tuned) at every budget from the regularized model of `seed` (one per
+        budget when pruning gradually)."""
         rows = []
         for budget in self.settings.budgets:
+            stage = config.for_budget(budget)
+            regularized = self.cache.load(
+                self.regularized_name(stage, seed, parameterization),
+                self.regularized_fingerprint(stage, seed, parameterization),
+                ignore_force=True,
+            )
+            if regularized is None:
+                continue
+            fingerprint = self.regularized_fingerprint(stage, seed, parameterization)
+            fingerprint["regularized_created"] = regularized["created"]
             for name in self.ours_names(config, budget, seed, parameterization).values():
                 result = self._load(name, fingerprint, seed)
                 rows.append(None if result is None else {**result, "regularized": regularized})
