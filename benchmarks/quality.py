@@ -85,6 +85,7 @@ OVERRIDES = (
     "asvd_alpha",
     "seed",
     "max_examples",
+    "test_fraction",
     "image_size",
     "train_size",
     "eval_size",
@@ -127,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sparsity_weight", type=float, help="Ours' sparsity_weight (default: the sweep's best).")
     parser.add_argument("--s_lr_scale", type=float, help="Ours' learning-rate multiplier on s (with the above).")
     for name in OVERRIDES:
-        kind = float if "rate" in name or "alpha" in name else int
+        kind = float if any(word in name for word in ("rate", "alpha", "fraction")) else int
         parser.add_argument(f"--{name}", type=kind, help="Override the preset (see Settings).")
     return parser.parse_args(argv)
 

@@ -47,6 +47,14 @@ class TextTaskArguments:
         default=None, metadata={"help": "Use at most this many examples (for quick runs)."}
     )
     metric: str = field(default="accuracy", metadata={"help": "Metric name ('accuracy', 'f1' work offline)."})
+    test_fraction: float = field(
+        default=0.1,
+        metadata={"help": "bbc_news: fraction of each topic held out for the test split (validation: 0.1)."},
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.test_fraction < 0.9:
+            raise ValueError(f"--test_fraction {self.test_fraction}: must be in (0, 0.9), e.g. 0.1 (validation: 0.1).")
 
 
 @dataclass
@@ -107,7 +115,9 @@ def setup_text_classification(task: TextTaskArguments, args: TrainingArguments) 
     model_path = resolve_model(task.model_name_or_path or default_minilm())
     if task.dataset == "bbc_news":
         # Duplicated articles would leak between splits and inflate the scores.
-        data = load_bbc_news(seed=args.seed, max_examples=task.max_examples, deduplicate=True)
+        data = load_bbc_news(
+            seed=args.seed, max_examples=task.max_examples, deduplicate=True, test_fraction=task.test_fraction
+        )
     else:
         data = load_text_dataset(
             task.dataset,

@@ -92,7 +92,7 @@ def test_every_method_fits_the_same_budget(tiny_run):
     cache, _, _ = tiny_run
     results = {p.stem: json.loads(p.read_text()) for p in (cache / "results").glob("*.json")}
     ours = [name for name in results if name.startswith("ours@50@")]
-    assert len(ours) == 2, sorted(results)  # the two configs of the tiny sweep
+    assert len(ours) == 3, sorted(results)  # the three configs of the tiny sweep
     for name in [*RESULTS[1:], *ours]:
         result = results[name]
         assert 0.4 < result["budget_realized"] <= 0.5, (name, result["budget_realized"])
@@ -103,6 +103,18 @@ def test_every_method_fits_the_same_budget(tiny_run):
     assert results["dense_ft"]["train"]["steps"] == 4
     regularized = next(r for n, r in results.items() if n.startswith("regularized@"))
     assert regularized["train"]["steps"] + results[ours[0]]["train"]["steps"] == 4
+
+
+def test_gradual_pruning_with_distillation_reaches_the_budget_in_the_s_stage(tiny_run):
+    cache, _, _ = tiny_run
+    results = stored(cache)
+    key = "o0.1_hoyer0.01_slr10_kd0.5_gradual"
+    regularized = results[f"regularized@{key}_b50"]  # one S stage per budget
+    assert regularized["config"]["gradual"] and regularized["config"]["budget"] == 0.5
+    assert regularized["train"]["last_log"]["distill_loss"] >= 0
+    pruned, tuned = results[f"ours_pruned@50@{key}"], results[f"ours@50@{key}"]
+    assert 0.4 < pruned["budget_realized"] <= 0.5 and tuned["budget_realized"] == pruned["budget_realized"]
+    assert "distill_loss" in tuned["train"]["last_log"]  # the teacher also guides the fine-tuning
 
 
 def test_second_run_reuses_the_cache(tiny_run):
@@ -121,11 +133,12 @@ def test_second_seed_reuses_the_first_and_trains_every_method_again(two_seeds):
     assert "(seed 42)" not in stdout, stdout
     added = sorted(set(after) - set(before))
     ours = next(n.split("@")[2] for n in added if n.startswith("ours@50@"))  # the chosen config's key
+    stage = f"{ours}_b50" if ours.endswith("_gradual") else ours  # a gradual S stage is per budget
     expected = [
         "dense_ft",
         "svd_ft@50",
         "asvd_ft@50",
-        f"regularized@{ours}",
+        f"regularized@{stage}",
         f"ours_pruned@50@{ours}",
         f"ours@50@{ours}",
     ]

@@ -51,6 +51,7 @@ def load_task(settings: Settings, model_path: str | Path | None, cache_dir: Path
         model_name_or_path=None if model_path is None else str(model_path),
         max_length=settings.max_length,
         max_examples=settings.max_examples,
+        test_fraction=settings.test_fraction,
     )
     return setup_text_classification(task, args)
 

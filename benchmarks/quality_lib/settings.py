@@ -124,7 +124,7 @@ class Settings:
     batch_size: int = 16
     eval_batch_size: int = 64
     seed: int = 42
-    seeds: tuple[int, ...] = (42, 43, 44)
+    seeds: tuple[int, ...] = (42, 43, 44, 45, 46)
     dense_steps: int = 150
     dense_learning_rate: float = 1e-4
     learning_rate: float = 1e-4
@@ -135,6 +135,7 @@ class Settings:
     asvd_alpha: float = 0.5
     sweep_budget: float = 0.5
     max_examples: int | None = None
+    test_fraction: float = 0.25
     image_size: int = 112
     train_size: int = 1000
     eval_size: int = 200
@@ -162,6 +163,8 @@ class Settings:
         keys = ["task", "max_length", "batch_size", "seed", "dense_steps", "dense_learning_rate", "max_examples"]
         if self.task == "dinov2":
             keys += ["image_size", "train_size", "eval_size", "test_size"]
+        else:
+            keys += ["test_fraction"]
         if part in ("svd_ft", "asvd_ft", "ours"):
             keys += ["learning_rate", "svd_steps", "finetune_steps", "warmup_ratio"]
         if part == "asvd_ft":
@@ -194,7 +197,11 @@ def preset(task: str) -> Settings:
             calib_batches=2,
             max_examples=60,
             seeds=(42,),
-            sweep=(RegConfig(0.1, 1e-3), RegConfig(0.01, 1e-2, s_lr_scale=10.0)),
+            sweep=(
+                RegConfig(0.1, 1e-3),
+                RegConfig(0.01, 1e-2, s_lr_scale=10.0),
+                RegConfig(0.1, 1e-2, s_lr_scale=10.0, distill_alpha=0.5, gradual=True),
+            ),
         )
     if task == "dinov2":
         return Settings(task="dinov2", dense_steps=60, calib_batches=16, sweep=())
@@ -210,7 +217,10 @@ DEFAULT_SWEEP = (
     "0.1:1e-2:1000",
     "0.1:1e-3:1000",
     "0.1:1e-1:1000",
-    "0.01:1e-2:1000",
+    "0.1:1e-2:1000:hoyer:0.5",
+    "0.1:1e-2:1:hoyer:0:gradual",
+    "0.1:1e-2:1000:hoyer:0:gradual",
+    "0.1:1e-2:1000:hoyer:0.5:gradual",
 )
 
 
