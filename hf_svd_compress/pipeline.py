@@ -125,10 +125,22 @@ def check_unsharded(args: TrainingArguments) -> None:
         )
 
 
+def check_gradual(pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> None:
+    """Refuse, before any training, a gradual-pruning start outside the SVD stage."""
+    start = args.prune_start_step
+    if start is not None and not start < pipeline_args.svd_steps:
+        raise ValueError(
+            f"--prune_start_step {start}: the SVD stage has {pipeline_args.svd_steps} steps (--svd_steps) and prunes "
+            f"gradually from prune_start_step to its last step; use a start below {pipeline_args.svd_steps}, e.g. "
+            f"{pipeline_args.svd_steps // 5}."
+        )
+
+
 def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> dict:
     """Run every stage and export; returns (and writes next to the export) a summary of what happened."""
     check_unsharded(args)
     export_dir = check_export_dir(pipeline_args, args)
+    check_gradual(pipeline_args, args)
     config = pipeline_args.svd_config(args)
     model, summary = setup.model, {"accuracy": {}, "base_model": setup.base_model, "task": setup.task}
     start = time.perf_counter()
@@ -136,7 +148,8 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     if pipeline_args.dense_steps:
         stage(f"1/5 dense fine-tuning for {pipeline_args.dense_steps} steps", args)
         _train(Trainer, setup, _stage_args(args, pipeline_args.dense_steps, "dense"))
-    summary["accuracy"]["dense"] = _evaluate(Trainer, setup, args)
+    eval_args = _stage_args(args, args.max_steps, "eval")  # no pruning fields: evaluation only
+    summary["accuracy"]["dense"] = _evaluate(Trainer, setup, eval_args)
     summary["parameters_dense"] = sum(p.numel() for p in model.parameters())
     # With distillation the dense model, as it is now, teaches the factored one in the SVD and fine-tuning stages.
     teacher = copy.deepcopy(model).eval() if args.distill_alpha else None
@@ -145,26 +158,31 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     svd_factorize_(model, config)
     summary["spectra_initial"] = _spectra(model)
 
-    stage(f"3/5 SVD training with regularizers for {pipeline_args.svd_steps} steps", args)
-    _train(SVDTrainer, setup, _stage_args(args, pipeline_args.svd_steps, "svd"), teacher)
-    summary["spectra_trained"] = _spectra(model)
-    _save_factored(setup, Path(args.output_dir) / "factored", args)
-    summary["accuracy"]["factored"] = _evaluate(SVDTrainer, setup, args, teacher)
-
     how = {"method": "budget", "budget": config.prune_budget} if config.prune_budget else None
     how = how or {"method": "energy", "energy": config.prune_energy}
-    stage(f"4/5 pruning singular values ({how}) and fine-tuning {pipeline_args.finetune_steps} steps", args)
     if config.prune_rank_multiple > 1:
         how["rank_multiple"] = config.prune_rank_multiple
-    prune_(model, energy=how.get("energy"), budget=how.get("budget"), rank_multiple=config.prune_rank_multiple)
+    gradual = args.prune_start_step is not None
+    if gradual:  # the SVD stage itself prunes, from prune_start_step to its last step
+        how["gradual_from_step"] = args.prune_start_step
+    svd_overrides = _gradual_overrides(args, pipeline_args, config) if gradual else {}
+    stage(f"3/5 SVD training with regularizers for {pipeline_args.svd_steps} steps", args)
+    _train(SVDTrainer, setup, _stage_args(args, pipeline_args.svd_steps, "svd", **svd_overrides), teacher)
+    summary["spectra_trained"] = _spectra(model)
+    _save_factored(setup, Path(args.output_dir) / "factored", args)
+    summary["accuracy"]["factored"] = _evaluate(SVDTrainer, setup, eval_args, teacher)
+
+    stage(f"4/5 pruning singular values ({how}) and fine-tuning {pipeline_args.finetune_steps} steps", args)
+    if not gradual:  # a second energy cut would prune the already pruned spectra further
+        prune_(model, energy=how.get("energy"), budget=how.get("budget"), rank_multiple=config.prune_rank_multiple)
     summary["ranks"] = truncate_(model)
-    summary["accuracy"]["pruned"] = _evaluate(SVDTrainer, setup, args, teacher)
+    summary["accuracy"]["pruned"] = _evaluate(SVDTrainer, setup, eval_args, teacher)
     if pipeline_args.finetune_steps:
         ft_args = _stage_args(
             args, pipeline_args.finetune_steps, "finetune", sparsity="none", singular_value_lr_scale=1.0
         )
         _train(SVDTrainer, setup, ft_args, teacher)
-    summary["accuracy"]["compressed"] = _evaluate(SVDTrainer, setup, args, teacher)
+    summary["accuracy"]["compressed"] = _evaluate(SVDTrainer, setup, eval_args, teacher)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
 
     stage(f"5/5 exporting to {export_dir}", args)
@@ -182,6 +200,17 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     return summary
 
 
+def _gradual_overrides(args: SVDTrainingArguments, pipeline_args: PipelineArguments, config: SVDConfig) -> dict:
+    """Stage-3 arguments that prune gradually from `args.prune_start_step` to the SVD stage's last step."""
+    return {
+        "prune_start_step": args.prune_start_step,
+        "prune_at_step": pipeline_args.svd_steps,
+        "prune_energy": None if config.prune_budget else config.prune_energy,
+        "prune_budget": config.prune_budget,
+        "prune_rank_multiple": config.prune_rank_multiple,
+    }
+
+
 def _save_factored(setup: TaskSetup, folder: Path, args: TrainingArguments) -> None:
     """The regularized, unpruned model, for `hf-svd-compress prune` to re-prune at another energy or budget."""
     if args.process_index == 0:
@@ -194,8 +223,8 @@ def _stage_args(args: SVDTrainingArguments, steps: int, name: str, **overrides) 
     """A copy of the user's arguments for one stage: its own step count and output subfolder."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     # The pipeline prunes between stages itself, so no stage prunes during training.
-    values.update(max_steps=steps, output_dir=str(Path(args.output_dir) / name), prune_at_step=None, **overrides)
-    values["prune_start_step"] = None
+    values.update(max_steps=steps, output_dir=str(Path(args.output_dir) / name), prune_at_step=None)
+    values.update({"prune_start_step": None, **overrides})
     return type(args)(**values)
 
 

@@ -73,7 +73,8 @@ class SVDTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Prune gradually from this step to prune_at_step: the kept fraction falls on a cubic schedule "
-            "(Zhu & Gupta 2017, AdaLoRA) so the model adapts to each cut. Unset: one cut at prune_at_step."
+            "(Zhu & Gupta 2017, AdaLoRA) so the model adapts to each cut. Unset: one cut at prune_at_step. In the "
+            "CLI and recipes: a step of the SVD stage, which then prunes gradually up to its last step."
         },
     )
     prune_energy: float | None = field(
@@ -111,13 +112,14 @@ class SVDTrainingArguments(TrainingArguments):
             raise ValueError(f"--prune_budget {self.prune_budget}: must be in (0, 1), e.g. 0.5.")
         if self.prune_rank_multiple is not None and self.prune_rank_multiple < 1:
             raise ValueError(f"--prune_rank_multiple {self.prune_rank_multiple}: must be >= 1 (1: no rounding).")
-        if self.prune_start_step is not None and not (
-            self.prune_at_step is not None and 0 <= self.prune_start_step < self.prune_at_step
-        ):
-            raise ValueError(
-                f"--prune_start_step {self.prune_start_step}: needs --prune_at_step greater than it "
-                f"(got {self.prune_at_step}); gradual pruning runs from the start step to prune_at_step."
-            )
+        if self.prune_start_step is not None and self.prune_start_step < 0:
+            raise ValueError(f"--prune_start_step {self.prune_start_step}: must be >= 0.")
+        if self.prune_start_step is not None and self.prune_at_step is not None:
+            if self.prune_start_step >= self.prune_at_step:
+                raise ValueError(
+                    f"--prune_start_step {self.prune_start_step}: must be below --prune_at_step "
+                    f"{self.prune_at_step}; gradual pruning runs from the start step to prune_at_step."
+                )
         if self.prune_energy is not None and self.prune_budget is not None:
             raise ValueError("Set only one of --prune_energy and --prune_budget.")
         if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
@@ -220,6 +222,11 @@ class SVDTrainer(Trainer):
             name: [] for name in ("orth_loss", "sparsity_loss", "approx_loss", "distill_loss")
         }
         prune_at = getattr(self.args, "prune_at_step", None)
+        if getattr(self.args, "prune_start_step", None) is not None and not prune_at:
+            raise ValueError(
+                "--prune_start_step is set without --prune_at_step: set prune_at_step (the step where gradual "
+                "pruning reaches its target) or unset prune_start_step."
+            )
         if prune_at:
             energy, budget = self._pruning_target()
             multiple = _first_set(getattr(self.args, "prune_rank_multiple", None), self.svd_config.prune_rank_multiple)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,21 @@ def test_compress_distills_from_the_dense_model(tiny_text_model, tiny_text_csv, 
     assert '"distill_alpha": 0.7' in (tmp_path / "o" / "compressed" / "README.md").read_text()  # model card
 
 
+def test_compress_prunes_gradually_during_the_svd_stage(tiny_text_model, tiny_text_csv, tmp_path):
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
+    args += ["--output_dir", str(tmp_path / "o"), "--prune_budget", "0.5", "--prune_start_step", "1"]
+    result = run([*args, "--prune_rank_multiple", "1", "--svd_steps", "4"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    svd_stage = result.stdout.split("[hf-svd-compress] 3/5")[1].split("[hf-svd-compress] 4/5")[0]
+    fractions = [float(f) for f in re.findall(r"'rank_fraction': '([0-9.e-]+)'", svd_stage)]
+    assert len(fractions) == 4 and fractions[0] == 1.0 and fractions[1] > fractions[2] > fractions[3]
+    meta = json.loads((tmp_path / "o" / "compressed" / "config.json").read_text())["svd_compression"]
+    assert meta["rank_selection"] == {"method": "budget", "budget": 0.5, "gradual_from_step": 1}
+    kept = sum(r * sum(meta["shapes"][n]) for n, r in meta["ranks"].items() if n not in meta["dense_modules"])
+    kept += sum(meta["shapes"][n][0] * meta["shapes"][n][1] for n in meta["dense_modules"])
+    assert kept <= 0.5 * sum(m * n for m, n in meta["shapes"].values())
+
+
 def test_prune_reprunes_the_factored_checkpoint(compressed_run):
     out, _ = compressed_run
     target = out / "reprune"
@@ -98,6 +114,7 @@ def test_config_file_supplies_options_and_flags_override(tiny_text_model, tiny_t
         (["--text_column", "body"], "body"),
         (["--prune_energy", "1.5"], "prune_energy"),
         (["--prune_budget", "1.0"], "prune_budget"),
+        (["--prune_start_step", "3"], "--prune_start_step 3: the SVD stage has 3 steps"),
     ],
 )
 def test_bad_input_fails_before_training(tiny_text_model, tiny_text_csv, tmp_path, extra, message):

@@ -334,10 +334,13 @@ def test_gradual_pruning_follows_the_cubic_schedule_to_the_budget(tmp_path):
     assert all("sparsity_loss" not in e for e in logs if e["step"] > 6)
 
 
-@pytest.mark.parametrize("bad", [{"prune_start_step": 3}, {"prune_start_step": 4, "prune_at_step": 4}])
-def test_gradual_pruning_needs_a_later_prune_at_step(tmp_path, bad):
-    with pytest.raises(ValueError, match="--prune_start_step"):
-        args(tmp_path, prune_budget=0.5, **bad)
+def test_gradual_pruning_needs_a_later_prune_at_step(tmp_path):
+    with pytest.raises(ValueError, match="--prune_start_step 4: must be below --prune_at_step 4"):
+        args(tmp_path, prune_budget=0.5, prune_start_step=4, prune_at_step=4)
+    with pytest.raises(ValueError, match="--prune_start_step -1"):
+        args(tmp_path, prune_start_step=-1)
+    with pytest.raises(ValueError, match="without --prune_at_step"):
+        SVDTrainer(model=tiny_model(), args=args(tmp_path, prune_start_step=3), train_dataset=tiny_data())
     with pytest.raises(ValueError, match="start_step=5"):
         SVDPruningCallback(at_step=5, budget=0.5, start_step=5)
 
