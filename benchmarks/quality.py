@@ -3,7 +3,7 @@
     python benchmarks/quality.py                       # everything for MiniLM / BBC News (stage "all")
     python benchmarks/quality.py --stage dense         # then --stage baselines, sweep, ours, table
     python benchmarks/quality.py --stage parameterizations table   # ours as Householder / STTP / CUR (rows 5b-5d)
-    python benchmarks/quality.py --seeds 42 43         # training seeds (default 42 43 44): add one at a time
+    python benchmarks/quality.py --seeds 42 43         # training seeds (default 42-46): add one at a time
     python benchmarks/quality.py --stage dinov2        # the optional DINOv2-S / Fashion-MNIST run (own sub-folder)
     python benchmarks/quality.py --tiny --cache_dir /tmp/q   # the CI smoke run (tiny random BERT, ~60 articles)
 
@@ -16,17 +16,21 @@ steps (S + F):
 4. activation-aware SVD (ASVD: factor `W diag(a)`, `a` = mean |x| per input channel ^ 0.5, undo after), then S + F
    fine-tuning steps;
 5. ours: factor at full rank, S steps of SVD training with the orthogonality and sparsity regularizers, prune to the
-   budget, F fine-tuning steps with the sparsity term off.
+   budget, F fine-tuning steps with the sparsity term off. Two options of the library are swept too: distillation
+   from the dense model in both stages (`SVDTrainer(teacher_model=)`, sweep entries `...:<alpha>`) and gradual
+   pruning to the budget during the S stage (`prune_start_step`, entries `...:gradual`; the S stage then runs once
+   per budget).
 5b-5d. the same pipeline with the other parameterizations of `SVDConfig` (`--stage parameterizations`, not part of
    "all"; first training seed only): Householder (SVDP: orthonormal U, V by construction, no orthogonality term),
    STTP (its tensor-train form) with ours' config, and CUR (no singular values: its approximation term alone,
    `approx_weight` 1; `prune_` enumerates the CUR ranks against the budget). Results `ours_<parameterization>@<b>`.
 
-Seeds: the dense model (and the data split) use `--seed` (42); every method that trains after it (1b, 3, 4, and both
-stages of 5) is run once per training seed of `--seeds` (default 42 43 44; the Trainer's seed: batch order and
-dropout), and the table shows for those cells the mean test accuracy ± the sample standard deviation over the seeds,
-the per-seed values in a second table and in `<cache_dir>/quality_summary.json`; the goals (ours against every
-baseline, ours within 1 point of dense at 50%) and the plot use the means. The untrained rows 2 and 4a do not depend
+Seeds: the dense model (and the data split: BBC News deduplicated, per topic 10% validation and 25% test, i.e. 213
+validation and 532 test articles) use `--seed` (42); every method that trains after it (1b, 3, 4, and both stages of
+5) is run once per training seed of `--seeds` (default 42-46; the Trainer's seed: batch order and dropout), and the
+table shows for those cells the mean test accuracy ± the sample standard deviation over the seeds, the per-seed
+values in a second table and in `<cache_dir>/quality_summary.json`; the goals (ours against every baseline, ours
+within 1 point of dense at 50%) and the plot use the means. The untrained rows 2 and 4a do not depend
 on the seed. The sweep is single-seed (`--seed`), the chosen config then runs at every seed. Results trained with
 `--seed` keep the names they had before seeds existed (e.g. `svd_ft@50`); the other seeds add `@seed<N>`
 (`svd_ft@50@seed43`, `regularized/<config>@seed43`).

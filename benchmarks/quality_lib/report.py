@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .settings import METHOD_LABELS, RegConfig, Settings
+from .settings import GRADUAL_START, METHOD_LABELS, RegConfig, Settings
 
 TASK_TITLES = {
     "minilm": "all-MiniLM-L6-v2 on BBC News (deduplicated)",
@@ -126,8 +126,9 @@ def header(settings: Settings, rows: list[dict[str, Any]], config: RegConfig | N
         f"- Steps (batch {s.batch_size}, max_length {s.max_length}): dense fine-tuning {s.dense_steps} "
         f"(lr {s.dense_learning_rate:g}); every method that trains after it trains **{s.compressed_steps}** steps "
         f"(lr {s.learning_rate:g}, linear decay, {s.warmup_ratio:.0%} warm-up): methods 3 and 4 fine-tune "
-        f"{s.compressed_steps} steps after truncation; ours trains S = {s.svd_steps} regularized steps at full rank, "
-        f"prunes, then fine-tunes F = {s.finetune_steps} steps (sparsity off, orthogonality kept).",
+        f"{s.compressed_steps} steps after truncation; ours trains S = {s.svd_steps} regularized steps from full "
+        f"rank, prunes (at once after S, or gradually during S), then fine-tunes F = {s.finetune_steps} steps "
+        "(sparsity off, orthogonality kept).",
         f"- Seeds: every method that trains after the dense model runs once per training seed ({seeds}: batch order "
         "and dropout; for ours both the S and the F stage, so 5a depends on it too); its cells show the mean test "
         "accuracy ± the sample standard deviation over the seeds, and the comparisons below use the means. The dense "
@@ -136,7 +137,9 @@ def header(settings: Settings, rows: list[dict[str, Any]], config: RegConfig | N
     if config is not None:
         lines.append(
             f"- Ours: {config.label}, {chosen_by}. `s lr xK`: during the S stage the singular values train at K "
-            "times the learning rate (their own AdamW group); F uses one rate for all."
+            "times the learning rate (their own AdamW group); F uses one rate for all. `kd a`: distillation from "
+            "the dense model with weight a (temperature 2) in S and F. `gradual`: the S stage prunes from "
+            f"{GRADUAL_START:.0%} of its steps to its last one on a cubic schedule (`prune_start_step`)."
         )
     if dense is not None:
         n = dense["test"]["n"]
@@ -150,7 +153,8 @@ def header(settings: Settings, rows: list[dict[str, Any]], config: RegConfig | N
         "(ASVD applies it to its activation-scaled spectra).",
         "- Params: every parameter stored in the exported `model.safetensors` (`save_compressed`, "
         "`speed_break_even=1.0`, float32; mean over the seeds); size: that file's bytes.",
-        "- Ours trains its regularized model once per config and seed and prunes a copy of it to each budget.",
+        "- Ours trains its regularized model once per config and seed and prunes a copy of it to each budget (with "
+        "gradual pruning: once per config, seed and budget).",
         f"- ASVD: mean |x| per input channel over {s.calib_batches} calibration batches, alpha {s.asvd_alpha:g}; "
         "V columns renormalized after truncation.",
         "",
@@ -307,18 +311,19 @@ def sweep_table(results: list[dict[str, Any]], best: RegConfig | None, budget: f
         f"### Sweep of the regularizer weights (ours at {budget:.0%}, training seed {seed} only; chosen on validation "
         "accuracy, then loss; the chosen config is then run at every seed)",
         "",
-        "| orth_weight | sparsity_weight | s lr x | val acc | val loss | test acc | pruned test acc | energy kept | "
-        "S-stage s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| orth_weight | sparsity_weight | s lr x | distillation | pruning | val acc | val loss | test acc | "
+        "pruned test acc | energy kept | S-stage s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (-r["val"]["accuracy"], r["val"]["loss"])):
         c: RegConfig = r["config"]
         mark = " **(chosen)**" if c == best else ""
         pruned = r["pruned"]["test"]["accuracy"] if r.get("pruned") else float("nan")
         lines.append(
-            f"| {c.orth_weight:g} | {c.sparsity} {c.sparsity_weight:g} | {c.s_lr_scale:g} | "
-            f"{r['val']['accuracy']:.4f}{mark} | {r['val']['loss']:.4f} | {r['test']['accuracy']:.4f} | "
-            f"{pruned:.4f} | {r['energy_kept']:.3f} | {r['regularized']['train']['wall_s']:.0f} |"
+            f"| {c.orth_weight:g} | {c.sparsity} {c.sparsity_weight:g} | {c.s_lr_scale:g} | {c.distill_alpha:g} | "
+            f"{'gradual' if c.gradual else 'after S'} | {r['val']['accuracy']:.4f}{mark} | {r['val']['loss']:.4f} | "
+            f"{r['test']['accuracy']:.4f} | {pruned:.4f} | {r['energy_kept']:.3f} | "
+            f"{r['regularized']['train']['wall_s']:.0f} |"
         )
     return [*lines, ""]
 
