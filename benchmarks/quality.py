@@ -169,9 +169,10 @@ def choose_config(bench: Bench, explicit: RegConfig | None) -> tuple[RegConfig, 
 def write_table(bench: Bench, config: RegConfig, chosen_by: str, out_dir: Path) -> str:
     """Print the Markdown table and write it, the JSON summary (`quality_summary.json`) and the plot into `out_dir`."""
     s = bench.settings
-    rows = bench.collect(config)
+    rows = bench.collect(config, bench.best_config(gradual=True))
     table = report.cells(rows)
     goals = report.goals(table, s.budgets)
+    gradual_goals = report.goals(table, s.budgets, "ours_gradual")
     sweep = bench.sweep_results()
     seeds = len(s.seeds)
     lines = report.header(s, rows, config, chosen_by)
@@ -186,6 +187,7 @@ def write_table(bench: Bench, config: RegConfig, chosen_by: str, out_dir: Path) 
             "",
         ]
     lines += report.goals_table(goals, seeds)
+    lines += report.goals_table(gradual_goals, seeds, "5e")
     lines += ["### Test accuracy (%) per training seed", ""] + report.per_seed_table(table, s.seeds) + [""]
     lines += report.detail_table(rows) + [""]
     lines += report.sweep_table(sweep, bench.best_config(), s.sweep_budget, s.seed)
@@ -193,7 +195,8 @@ def write_table(bench: Bench, config: RegConfig, chosen_by: str, out_dir: Path) 
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality_table.md").write_text(text)
-    (out_dir / "quality_summary.json").write_text(to_json(report.summary(s, table, goals, config)))
+    summary = {**report.summary(s, table, goals, config), "goals_gradual": gradual_goals}
+    (out_dir / "quality_summary.json").write_text(to_json(summary))
     title = f"{report.TASK_TITLES.get(s.task, s.task)}: S={s.svd_steps}, F={s.finetune_steps}, {seeds} seed(s)"
     png = report.plot(table, out_dir / "accuracy_vs_params.png", title) if rows else None
     print(text, flush=True)
@@ -214,6 +217,10 @@ def run(bench: Bench, stages: list[str], explicit: RegConfig | None, out_dir: Pa
     if stages & {"ours", "all"}:
         log(f"ours: {config.label} ({chosen_by})")
         bench.run_ours_all(config)
+        gradual = bench.best_config(gradual=True)
+        if gradual is not None and gradual != config:  # row 5e: the best config that prunes gradually
+            log(f"ours, gradual pruning (5e): {gradual.label}")
+            bench.run_ours_all(gradual)
     if "parameterizations" in stages:
         log(f"parameterizations: {config.label} ({chosen_by}), seed {bench.settings.seeds[0]}")
         bench.run_parameterizations(config)

@@ -21,10 +21,11 @@ TASK_TITLES = {
 }
 # Ours in the other parameterizations (`--stage parameterizations`, first training seed only).
 VARIANT_METHODS = ("ours_householder", "ours_sttp", "ours_cur")
-TABLE_METHODS = ("dense", "dense_ft", "svd", "svd_ft", "asvd", "asvd_ft", "ours_pruned", "ours", *VARIANT_METHODS)
+TABLE_METHODS = ("dense", "dense_ft", "svd", "svd_ft", "asvd", "asvd_ft", "ours_pruned", "ours", "ours_gradual")
+TABLE_METHODS += VARIANT_METHODS
 DENSE_METHODS = ("dense", "dense_ft")
 # Results that depend on the training seed (ours_pruned through its regularized S stage).
-TRAINED_METHODS = ("dense_ft", "svd_ft", "asvd_ft", "ours_pruned", "ours", *VARIANT_METHODS)
+TRAINED_METHODS = ("dense_ft", "svd_ft", "asvd_ft", "ours_pruned", "ours", "ours_gradual", *VARIANT_METHODS)
 BASELINES = ("svd", "svd_ft", "asvd", "asvd_ft")
 GOAL_BUDGET = 0.5  # "within 1 point of dense" is asked at this budget
 GOAL_GAP = 0.01
@@ -221,8 +222,11 @@ def detail_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def goals(table: dict[tuple[str, float], Cell], budgets: tuple[float, ...]) -> list[dict[str, Any]]:
-    """Ours (5) against the strongest baseline at each budget, and against dense, on the mean test accuracies.
+def goals(
+    table: dict[tuple[str, float], Cell], budgets: tuple[float, ...], method: str = "ours"
+) -> list[dict[str, Any]]:
+    """Ours (5, or another row of ours: `method`) against the strongest baseline at each budget, and against dense,
+    on the mean test accuracies.
 
     Returns:
         `list[dict]`: Per budget with a result of ours: its mean, the strongest baseline (highest mean of rows 2-4),
@@ -233,7 +237,7 @@ def goals(table: dict[tuple[str, float], Cell], budgets: tuple[float, ...]) -> l
     dense = table.get(("dense", 1.0))
     found = []
     for budget in budgets:
-        ours = table.get(("ours", budget))
+        ours = table.get((method, budget))
         baselines = [table[m, budget] for m in BASELINES if (m, budget) in table]
         if ours is None or not baselines:
             continue
@@ -255,14 +259,14 @@ def goals(table: dict[tuple[str, float], Cell], budgets: tuple[float, ...]) -> l
     return found
 
 
-def goals_table(found: list[dict[str, Any]], seeds: int) -> list[str]:
-    """The goals of `goals` as Markdown."""
+def goals_table(found: list[dict[str, Any]], seeds: int, row: str = "5") -> list[str]:
+    """The goals of `goals` (for the row `row` of ours) as Markdown."""
     if not found:
         return []
     lines = [
-        f"### Goals, on the mean test accuracy over {seeds} seed(s)",
+        f"### Goals of ours ({row}), on the mean test accuracy over {seeds} seed(s)",
         "",
-        "| budget | ours (5) | strongest baseline | ours - baseline (± s.e.) | >= every baseline | "
+        f"| budget | ours ({row}) | strongest baseline | ours - baseline (± s.e.) | >= every baseline | "
         "within 1 point of dense |",
         "|---|---|---|---|---|---|",
     ]
@@ -348,13 +352,14 @@ PLOT_STYLES = {
     "asvd_ft": ("tab:orange", "s", "-"),
     "ours_pruned": ("tab:green", "^", ":"),
     "ours": ("tab:green", "^", "-"),
+    "ours_gradual": ("tab:olive", "*", "-"),
     "ours_householder": ("tab:purple", "D", "-"),
     "ours_sttp": ("tab:brown", "v", "-"),
     "ours_cur": ("tab:red", "P", "-"),
 }
 # Horizontal shift (millions of parameters) of the methods with error bars, so that bars at one budget stay apart.
-PLOT_DODGE = {"svd_ft": -0.12, "asvd_ft": -0.04, "ours_pruned": 0.04, "ours": 0.12}
-PLOT_TRAINED = ("svd_ft", "asvd_ft", "ours", *VARIANT_METHODS, "dense", "dense_ft")
+PLOT_DODGE = {"svd_ft": -0.16, "asvd_ft": -0.08, "ours_pruned": 0.0, "ours": 0.08, "ours_gradual": 0.16}
+PLOT_TRAINED = ("svd_ft", "asvd_ft", "ours", "ours_gradual", *VARIANT_METHODS, "dense", "dense_ft")
 
 
 def plot(table: dict[tuple[str, float], Cell], path: Path, title: str) -> Path:

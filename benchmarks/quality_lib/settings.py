@@ -18,6 +18,7 @@ METHOD_LABELS = {
     "asvd_ft": "4. ASVD + fine-tuning",
     "ours_pruned": "5a. ours, pruned, before fine-tuning",
     "ours": "5. ours (SVD training + prune + fine-tune)",
+    "ours_gradual": "5e. ours, gradual pruning (best gradual config of the sweep)",
     "ours_householder": "5b. ours, Householder (SVDP)",
     "ours_sttp": "5c. ours, STTP",
     "ours_cur": "5d. ours, CUR",

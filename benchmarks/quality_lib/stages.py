@@ -366,9 +366,12 @@ class Bench:
                 results.append({**result, "config": config, "pruned": pruned, "regularized": regularized})
         return results
 
-    def best_config(self) -> RegConfig | None:
-        """The sweep config with the best validation accuracy (ties: lower validation loss); None without a sweep."""
-        results = self.sweep_results()
+    def best_config(self, gradual: bool | None = None) -> RegConfig | None:
+        """The sweep config with the best validation accuracy (ties: lower validation loss); None without a sweep.
+
+        `gradual` True / False: the best among the configs that prune gradually / at once after S.
+        """
+        results = [r for r in self.sweep_results() if gradual is None or r["config"].gradual == gradual]
         if not results:
             return None
         best = max(results, key=lambda r: (r["val"]["accuracy"], -r["val"]["loss"]))
@@ -396,10 +399,11 @@ class Bench:
             return {**self.fingerprint("svd"), **{k: asvd[k] for k in ("calib_batches", "asvd_alpha")}}
         return self.fingerprint(method, seed)
 
-    def collect(self, config: RegConfig) -> list[dict[str, Any]]:
+    def collect(self, config: RegConfig, gradual: RegConfig | None = None) -> list[dict[str, Any]]:
         """Every stored result of the table for the current settings and seeds (missing ones are left out).
 
         Each row gets `seed`: its training seed, None for the results that do not train after the dense model.
+        `gradual` (a config that prunes gradually, other than `config`) adds its fine-tuned results as row 5e.
         """
         rows = [self._load("dense", self.settings.fingerprint("dense"), None)]
         for seed in self.settings.seeds:
@@ -413,6 +417,9 @@ class Bench:
                     rows.append(self._load(self.name(method, budget, seed=seed), fingerprint, seed))
         for seed in self.settings.seeds:
             rows += self._collect_ours(config, seed)
+            if gradual is not None and gradual != config:
+                found = [r for r in self._collect_ours(gradual, seed) if r and r["method"] == "ours"]
+                rows += [{**r, "method": "ours_gradual"} for r in found]
         for parameterization in PARAMETERIZATIONS:
             rows += self._collect_ours(config, self.settings.seeds[0], parameterization)
         return [row for row in rows if row is not None]
