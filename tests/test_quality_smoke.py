@@ -229,3 +229,33 @@ def test_parameterizations_stage_adds_one_row_each(tiny_run, parameterizations):
     summary = json.loads((cache / "quality_summary.json").read_text())
     cells = {c["method"]: c for c in summary["cells"]}
     assert all(cells[f"ours_{p}"]["seeds"] == [42] for p in ("householder", "sttp", "cur"))
+
+
+@pytest.mark.slow
+def test_dinov2_stage_runs_on_the_real_checkpoint(tmp_path):
+    """`--stage dinov2` on the converted DINOv2-S and Fashion-MNIST, at a few steps and images (the full run is in
+    docs/benchmarks.md); the checkpoint is converted under a temporary HOME, where the stage looks for it."""
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    sys.path.insert(0, str(SCRIPT.parent.parent / "recipes"))
+    try:
+        import convert_dinov2_onnx as conv
+    finally:
+        sys.path.pop(0)
+    try:
+        conv.convert(output_dir=tmp_path / ".cache" / "hf_svd_compress" / "dinov2-s14")
+    except FileNotFoundError as err:
+        pytest.skip(f"DINOv2 ONNX file not installed: {err}")
+    cache = tmp_path / "quality"
+    sizes = ["--train_size", "32", "--eval_size", "16", "--test_size", "16", "--calib_batches", "2"]
+    steps = ["--dense_steps", "2", "--svd_steps", "2", "--finetune_steps", "2", "--budgets", "0.5", "--seeds", "42"]
+    cmd = [sys.executable, str(SCRIPT), "--stage", "dinov2", "--threads", "1", "--cache_dir", str(cache)]
+    env = {**ENV, "HOME": str(tmp_path)}
+    result = subprocess.run([*cmd, *sizes, *steps], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = (cache / "dinov2" / "quality_table.md").read_text()
+    assert "DINOv2-S/14 on Fashion-MNIST (16 validation / 16 test examples)" in table
+    for row in ROWS:
+        assert f"| {row} |" in table, row
+    results = stored(cache / "dinov2")
+    assert 0.4 < results["asvd_ft@50"]["budget_realized"] <= 0.5
