@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seeds",
         type=int,
         nargs="+",
-        help="Training seeds of every method that trains after the dense model (default 42 43 44; --tiny: 42). "
+        help="Training seeds of every method that trains after the dense model (default 42-46; --tiny: 42). "
         "The dense model and the data split use --seed.",
     )
     parser.add_argument(

@@ -125,9 +125,14 @@ def check_unsharded(args: TrainingArguments) -> None:
         )
 
 
-def check_gradual(pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> None:
-    """Refuse, before any training, a gradual-pruning start outside the SVD stage."""
+def check_gradual(pipeline_args: PipelineArguments, args: SVDTrainingArguments, config: SVDConfig) -> None:
+    """Refuse, before any training, a gradual-pruning start outside the SVD stage, or without a budget."""
     start = args.prune_start_step
+    if start is not None and not config.prune_budget:
+        raise ValueError(
+            f"--prune_start_step {start} prunes gradually, which needs a budget target: add --prune_budget (e.g. "
+            "0.5); an energy target would compound over the cuts."
+        )
     if start is not None and not start < pipeline_args.svd_steps:
         raise ValueError(
             f"--prune_start_step {start}: the SVD stage has {pipeline_args.svd_steps} steps (--svd_steps) and prunes "
@@ -140,8 +145,8 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     """Run every stage and export; returns (and writes next to the export) a summary of what happened."""
     check_unsharded(args)
     export_dir = check_export_dir(pipeline_args, args)
-    check_gradual(pipeline_args, args)
     config = pipeline_args.svd_config(args)
+    check_gradual(pipeline_args, args, config)
     model, summary = setup.model, {"accuracy": {}, "base_model": setup.base_model, "task": setup.task}
     start = time.perf_counter()
 
@@ -205,7 +210,7 @@ def _gradual_overrides(args: SVDTrainingArguments, pipeline_args: PipelineArgume
     return {
         "prune_start_step": args.prune_start_step,
         "prune_at_step": pipeline_args.svd_steps,
-        "prune_energy": None if config.prune_budget else config.prune_energy,
+        "prune_energy": None,
         "prune_budget": config.prune_budget,
         "prune_rank_multiple": config.prune_rank_multiple,
     }

@@ -130,10 +130,11 @@ class SVDTrainingArguments(TrainingArguments):
 class SVDPruningCallback(TrainerCallback):
     """Prune singular values (masks only, DDP-safe) at the end of optimizer step `at_step`, or gradually.
 
-    With `start_step`, every step from `start_step` to `at_step` masks a little more: the pruned fraction of the
-    target (`1 - budget` or `1 - energy`) grows as `1 - (1 - p)^3` with the progress `p` from 0 to 1, the cubic
-    schedule of gradual magnitude pruning (Zhu & Gupta 2017) and AdaLoRA. Masked values stay masked, so each cut
-    only removes values; the last one is exactly the `at_step` target.
+    With `start_step` (and a `budget`), every step from `start_step` to `at_step` masks a little more: the pruned
+    part `1 - budget` is reached as `1 - (1 - p)^3` of it with the progress `p` from 0 to 1, the cubic schedule of
+    gradual magnitude pruning (Zhu & Gupta 2017) and AdaLoRA. Masked values stay masked, so each cut only removes
+    values; the last one is exactly the `at_step` budget. An energy target cannot be split this way (each cut would
+    keep a fraction of what the previous ones left), so gradual pruning needs a budget.
 
     Args:
         at_step (`int`): The optimizer step after which the target is reached.
@@ -153,6 +154,11 @@ class SVDPruningCallback(TrainerCallback):
     ) -> None:
         if start_step is not None and not 0 <= start_step < at_step:
             raise ValueError(f"start_step={start_step}: must be in [0, at_step={at_step}) for gradual pruning.")
+        if start_step is not None and budget is None:
+            raise ValueError(
+                "Gradual pruning (start_step / --prune_start_step) needs a budget target (--prune_budget, e.g. 0.5): "
+                "energy cuts would compound, each keeping a fraction of what the previous ones left."
+            )
         self.at_step, self.energy, self.budget, self.rank_multiple = at_step, energy, budget, rank_multiple
         self.start_step = start_step
         self.ranks: dict[str, int] | None = None
@@ -164,11 +170,8 @@ class SVDPruningCallback(TrainerCallback):
         if self.start_step is None or not self.start_step <= step < self.at_step:
             return None, None
         pruned = 1 - (1 - (step - self.start_step) / (self.at_step - self.start_step)) ** 3
-        energy = None if self.energy is None else 1 - (1 - self.energy) * pruned
-        budget = None if self.budget is None else 1 - (1 - self.budget) * pruned
-        if (budget is not None and budget >= 1) or (energy is not None and energy >= 1):
-            return None, None  # the first step of the schedule cuts nothing
-        return energy, budget
+        budget = 1 - (1 - self.budget) * pruned
+        return (None, None) if budget >= 1 else (None, budget)  # the schedule's first step cuts nothing
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         energy, budget = self.target(state.global_step)
@@ -380,15 +383,14 @@ def _scale_singular_value_lr(optimizer: torch.optim.Optimizer, ids: set[int], sc
 
 
 def _logits(outputs) -> torch.Tensor:
-    """The logits of a model output (a `ModelOutput`/dict with `logits`, or a tuple `(loss, logits, ...)`)."""
-    if isinstance(outputs, dict):
-        if "logits" not in outputs:
-            raise ValueError(
-                f"Distillation needs the models' logits, but the output has only {sorted(outputs)}: use a task "
-                "model (AutoModelFor...) as student and teacher."
-            )
-        return outputs["logits"]
-    return outputs[1] if isinstance(outputs, tuple | list) and len(outputs) > 1 else outputs[0]
+    """The `logits` of a model output (a `ModelOutput`: where they sit in a plain tuple depends on the labels)."""
+    if not isinstance(outputs, dict) or "logits" not in outputs:
+        found = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+        raise ValueError(
+            f"Distillation needs the models' logits in a ModelOutput, got {found}: use task models "
+            "(AutoModelFor...) with return_dict=True (the default) as student and teacher."
+        )
+    return outputs["logits"]
 
 
 def _first_set(*values):

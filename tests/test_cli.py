@@ -114,7 +114,8 @@ def test_config_file_supplies_options_and_flags_override(tiny_text_model, tiny_t
         (["--text_column", "body"], "body"),
         (["--prune_energy", "1.5"], "prune_energy"),
         (["--prune_budget", "1.0"], "prune_budget"),
-        (["--prune_start_step", "3"], "--prune_start_step 3: the SVD stage has 3 steps"),
+        (["--prune_start_step", "3", "--prune_budget", "0.5"], "--prune_start_step 3: the SVD stage has 3 steps"),
+        (["--prune_start_step", "1"], "needs a budget target: add --prune_budget"),
     ],
 )
 def test_bad_input_fails_before_training(tiny_text_model, tiny_text_csv, tmp_path, extra, message):

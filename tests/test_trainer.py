@@ -343,6 +343,8 @@ def test_gradual_pruning_needs_a_later_prune_at_step(tmp_path):
         SVDTrainer(model=tiny_model(), args=args(tmp_path, prune_start_step=3), train_dataset=tiny_data())
     with pytest.raises(ValueError, match="start_step=5"):
         SVDPruningCallback(at_step=5, budget=0.5, start_step=5)
+    with pytest.raises(ValueError, match="needs a budget target"):
+        SVDPruningCallback(at_step=5, energy=0.9, start_step=2)
 
 
 class StopAfter(TrainerCallback):
