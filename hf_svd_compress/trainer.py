@@ -326,7 +326,7 @@ class SVDTrainer(Trainer):
     @torch.no_grad()
     def _teacher_logits(self, inputs: dict) -> torch.Tensor:
         teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        return _logits(self.teacher_model(**teacher_inputs)).detach()
+        return _logits(self.teacher_model(**teacher_inputs))
 
     def _set_approximation(self, enabled: bool) -> list[CURLinear]:
         """Switch the CUR approximation term on (for layers still computing their dense function) or off."""

@@ -432,15 +432,12 @@ class Bench:
         rows = []
         for budget in self.settings.budgets:
             stage = config.for_budget(budget)
-            regularized = self.cache.load(
-                self.regularized_name(stage, seed, parameterization),
-                self.regularized_fingerprint(stage, seed, parameterization),
-                ignore_force=True,
-            )
+            fingerprint = self.regularized_fingerprint(stage, seed, parameterization)
+            name = self.regularized_name(stage, seed, parameterization)
+            regularized = self.cache.load(name, fingerprint, ignore_force=True)
             if regularized is None:
                 continue
-            fingerprint = self.regularized_fingerprint(stage, seed, parameterization)
-            fingerprint["regularized_created"] = regularized["created"]
+            fingerprint = {**fingerprint, "regularized_created": regularized["created"]}
             for name in self.ours_names(config, budget, seed, parameterization).values():
                 result = self._load(name, fingerprint, seed)
                 rows.append(None if result is None else {**result, "regularized": regularized})

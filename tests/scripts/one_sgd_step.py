@@ -18,7 +18,7 @@ from hf_svd_compress import SVDConfig, SVDTrainer, SVDTrainingArguments, svd_fac
 SVD = SVDConfig(sparsity="hoyer_square", sparsity_weight=0.5, orth_weight=2.0)
 
 
-def tiny_factored_vit(seed: int = 0) -> ViTForImageClassification:
+def tiny_vit(seed: int = 0) -> ViTForImageClassification:
     """ViT's head normalizes its loss by `num_items_in_batch`: the Trainer's other scaling branch."""
     torch.manual_seed(seed)
     config = ViTConfig(
@@ -32,11 +32,10 @@ def tiny_factored_vit(seed: int = 0) -> ViTForImageClassification:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    model = ViTForImageClassification(config)
-    return svd_factorize_(model, SVD) if seed == 0 else model
+    return ViTForImageClassification(config)
 
 
-def tiny_factored_bert(seed: int = 0) -> BertForSequenceClassification:
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
         hidden_size=32,
@@ -48,13 +47,12 @@ def tiny_factored_bert(seed: int = 0) -> BertForSequenceClassification:
         attention_probs_dropout_prob=0.0,
         num_labels=3,
     )
-    model = BertForSequenceClassification(config)
-    return svd_factorize_(model, SVD) if seed == 0 else model
+    return BertForSequenceClassification(config)
 
 
 def dense_teacher(model_kind: str) -> torch.nn.Module:
     """The same architecture, dense, other weights and a confident head: the distillation term is far from 0."""
-    teacher = tiny_factored_vit(seed=7) if model_kind == "vit" else tiny_factored_bert(seed=7)
+    teacher = tiny_vit(seed=7) if model_kind == "vit" else tiny_bert(seed=7)
     with torch.no_grad():
         teacher.classifier.weight.mul_(30.0)
     return teacher
@@ -79,7 +77,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     cli = parser.parse_args()
 
-    model = tiny_factored_vit() if cli.model == "vit" else tiny_factored_bert()
+    model = svd_factorize_(tiny_vit() if cli.model == "vit" else tiny_bert(), SVD)
     # Perturb U and V so the orthogonality term has a non-zero gradient.
     with torch.no_grad():
         for name, p in model.named_parameters():
