@@ -167,10 +167,11 @@ def choose_config(bench: Bench, explicit: RegConfig | None) -> tuple[RegConfig, 
 def write_table(bench: Bench, config: RegConfig, chosen_by: str, out_dir: Path) -> str:
     """Print the Markdown table and write it, the JSON summary (`quality_summary.json`) and the plot into `out_dir`."""
     s = bench.settings
-    rows = bench.collect(config, bench.best_config(gradual=True))
+    rows = bench.collect(config, extra_rows(bench))
     table = report.cells(rows)
     goals = report.goals(table, s.budgets)
     gradual_goals = report.goals(table, s.budgets, "ours_gradual")
+    asvd_goals = report.goals(table, s.budgets, "ours_asvd")
     sweep = bench.sweep_results()
     seeds = len(s.seeds)
     lines = report.header(s, rows, config, chosen_by)
@@ -186,6 +187,7 @@ def write_table(bench: Bench, config: RegConfig, chosen_by: str, out_dir: Path) 
         ]
     lines += report.goals_table(goals, seeds)
     lines += report.goals_table(gradual_goals, seeds, "5e")
+    lines += report.goals_table(asvd_goals, seeds, "5f")
     lines += ["### Test accuracy (%) per training seed", ""] + report.per_seed_table(table, s.seeds) + [""]
     lines += report.detail_table(rows) + [""]
     lines += report.sweep_table(sweep, bench.best_config(), s.sweep_budget, s.seed)
@@ -193,13 +195,19 @@ def write_table(bench: Bench, config: RegConfig, chosen_by: str, out_dir: Path) 
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality_table.md").write_text(text)
-    summary = {**report.summary(s, table, goals, config), "goals_gradual": gradual_goals}
+    summary = {**report.summary(s, table, goals, config), "goals_gradual": gradual_goals, "goals_asvd": asvd_goals}
     (out_dir / "quality_summary.json").write_text(to_json(summary))
     title = f"{report.TASK_TITLES.get(s.task, s.task)}: S={s.svd_steps}, F={s.finetune_steps}, {seeds} seed(s)"
     png = report.plot(table, out_dir / "accuracy_vs_params.png", title) if rows else None
     print(text, flush=True)
     log(f"wrote {out_dir / 'quality_table.md'}, quality_summary.json" + (f" and {png}" if png else ""))
     return text
+
+
+def extra_rows(bench: Bench) -> dict[str, RegConfig | None]:
+    """Rows 5e and 5f: the best config of the sweep that prunes gradually, and the best that starts from the
+    data-aware (ASVD) factors; each run at every seed when it is not ours' config."""
+    return {"ours_gradual": bench.best_config(gradual=True), "ours_asvd": bench.best_config(init="asvd")}
 
 
 def run(bench: Bench, stages: list[str], explicit: RegConfig | None, out_dir: Path) -> None:
@@ -215,10 +223,10 @@ def run(bench: Bench, stages: list[str], explicit: RegConfig | None, out_dir: Pa
     if stages & {"ours", "all"}:
         log(f"ours: {config.label} ({chosen_by})")
         bench.run_ours_all(config)
-        gradual = bench.best_config(gradual=True)
-        if gradual is not None and gradual != config:  # row 5e: the best config that prunes gradually
-            log(f"ours, gradual pruning (5e): {gradual.label}")
-            bench.run_ours_all(gradual)
+        for method, other in extra_rows(bench).items():
+            if other is not None and other != config:
+                log(f"{report.METHOD_LABELS[method]}: {other.label}")
+                bench.run_ours_all(other)
     if "parameterizations" in stages:
         log(f"parameterizations: {config.label} ({chosen_by}), seed {bench.settings.seeds[0]}")
         bench.run_parameterizations(config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def test_every_method_fits_the_same_budget(tiny_run):
     cache, _, _ = tiny_run
     results = {p.stem: json.loads(p.read_text()) for p in (cache / "results").glob("*.json")}
     ours = [name for name in results if name.startswith("ours@50@")]
-    assert len(ours) == 3, sorted(results)  # the three configs of the tiny sweep
+    assert len(ours) == 4, sorted(results)  # the four configs of the tiny sweep
     for name in [*RESULTS[1:], *ours]:
         result = results[name]
         assert 0.4 < result["budget_realized"] <= 0.5, (name, result["budget_realized"])
@@ -117,6 +118,18 @@ def test_gradual_pruning_with_distillation_reaches_the_budget_in_the_s_stage(tin
     assert "distill_loss" in tuned["train"]["last_log"]  # the teacher also guides the fine-tuning
 
 
+def test_data_aware_init_starts_from_the_asvd_factors(tiny_run):
+    cache, _, _ = tiny_run
+    results = stored(cache)
+    key = "o0_hoyer0.01_slr10_ft0.3_asvd"
+    regularized = results["regularized@o0_hoyer0.01_slr10_asvd"]  # the F stage's rate is not part of the S stage
+    assert regularized["config"]["init"] == "asvd" and "ft_lr_scale" not in regularized["config"]
+    assert {"calib_batches", "asvd_alpha"} <= set(regularized["settings"])  # the ASVD factors depend on them
+    tuned = results[f"ours@50@{key}"]
+    assert tuned["config"]["ft_lr_scale"] == 0.3 and tuned["settings"]["ft_lr_scale"] == 0.3
+    assert 0.4 < tuned["budget_realized"] <= 0.5
+
+
 def test_second_run_reuses_the_cache(tiny_run):
     cache, _, _ = tiny_run
     stdout = run_quality(cache, "--stage", "ours")
@@ -132,12 +145,14 @@ def test_second_seed_reuses_the_first_and_trains_every_method_again(two_seeds):
         assert after[name]["created"] == result["created"], name
     assert "(seed 42)" not in stdout, stdout
     added = sorted(set(after) - set(before))
-    # The chosen config (row 5) and the best gradual one (row 5e), one and the same or two.
+    # The chosen config (row 5), the best gradual one (5e) and the best data-aware one (5f): one to three configs.
     configs = {n.split("@")[2] for n in added if n.startswith("ours@50@")}
-    assert 1 <= len(configs) <= 2 and any(c.endswith("_gradual") for c in configs), configs
+    assert 1 <= len(configs) <= 3, configs
+    assert any(c.endswith("_gradual") for c in configs) and any(c.endswith("_asvd") for c in configs), configs
     expected = ["dense_ft", "svd_ft@50", "asvd_ft@50"]
     for ours in configs:
-        stage = f"{ours}_b50" if ours.endswith("_gradual") else ours  # a gradual S stage is per budget
+        # The S stage's key: without the F stage's rate, and per budget when pruning gradually.
+        stage = re.sub(r"_ft[^_]+", "", ours).replace("_gradual", "_gradual_b50")
         expected += [f"regularized@{stage}", f"ours_pruned@50@{ours}", f"ours@50@{ours}"]
     assert added == sorted(f"{name}@seed43" for name in expected)  # the untrained rows 2 and 4a are seed-free
     for name in added:
@@ -198,6 +213,29 @@ def test_report_aggregates_seeds(monkeypatch):
     assert result_name("svd_ft", 0.5, seed=settings.seed_tag(43)) == "svd_ft@50@seed43"
     with pytest.raises(ValueError, match="distinct training seeds"):
         Settings(seeds=(42, 42))
+
+
+def test_reg_config_keys_records_and_refusals(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from quality_lib.settings import RegConfig
+
+    config = RegConfig.parse("0.1:1e-2:1000:hoyer:0.5::0.3")
+    assert config.key == "o0.1_hoyer0.01_slr1000_kd0.5_ft0.3" and not config.gradual
+    assert config.for_budget(0.5).key == "o0.1_hoyer0.01_slr1000_kd0.5"  # S stage shared with the F lr x1 config
+    assert RegConfig.parse("0.1:1e-2:1000:hoyer:0:gradual:0.3").for_budget(0.5).key.endswith("_gradual_b50")
+    # Unset new fields stay out of the stored record: the results stored before them keep their fingerprints.
+    assert set(RegConfig().record()) == {
+        "orth_weight", "sparsity_weight", "sparsity", "s_lr_scale", "distill_alpha", "gradual", "budget"
+    }  # fmt: skip
+    aware = RegConfig.parse("0:1e-2:100:hoyer:0:::asvd")
+    assert aware.init == "asvd" and aware.ft_lr_scale == 1 and aware.key == "o0_hoyer0.01_slr100_asvd"
+    assert aware.record()["init"] == "asvd"
+    with pytest.raises(ValueError, match="orth_weight 0"):
+        RegConfig(init="asvd")  # orthogonality on a V that is not orthonormal
+    with pytest.raises(ValueError, match="'svd' or 'asvd'"):
+        RegConfig(orth_weight=0.0, init="pca")
+    with pytest.raises(ValueError, match="--sweep entry"):
+        RegConfig.parse("0.1:1e-2:1000:hoyer:0:sometimes")
 
 
 def test_parameterizations_stage_adds_one_row_each(tiny_run, parameterizations):

@@ -21,11 +21,31 @@ TASK_TITLES = {
 }
 # Ours in the other parameterizations (`--stage parameterizations`, first training seed only).
 VARIANT_METHODS = ("ours_householder", "ours_sttp", "ours_cur")
-TABLE_METHODS = ("dense", "dense_ft", "svd", "svd_ft", "asvd", "asvd_ft", "ours_pruned", "ours", "ours_gradual")
+TABLE_METHODS = (
+    "dense",
+    "dense_ft",
+    "svd",
+    "svd_ft",
+    "asvd",
+    "asvd_ft",
+    "ours_pruned",
+    "ours",
+    "ours_gradual",
+    "ours_asvd",
+)
 TABLE_METHODS += VARIANT_METHODS
 DENSE_METHODS = ("dense", "dense_ft")
 # Results that depend on the training seed (ours_pruned through its regularized S stage).
-TRAINED_METHODS = ("dense_ft", "svd_ft", "asvd_ft", "ours_pruned", "ours", "ours_gradual", *VARIANT_METHODS)
+TRAINED_METHODS = (
+    "dense_ft",
+    "svd_ft",
+    "asvd_ft",
+    "ours_pruned",
+    "ours",
+    "ours_gradual",
+    "ours_asvd",
+    *VARIANT_METHODS,
+)
 BASELINES = ("svd", "svd_ft", "asvd", "asvd_ft")
 GOAL_BUDGET = 0.5  # "within 1 point of dense" is asked at this budget
 GOAL_GAP = 0.01
@@ -315,9 +335,9 @@ def sweep_table(results: list[dict[str, Any]], best: RegConfig | None, budget: f
         f"### Sweep of the regularizer weights (ours at {budget:.0%}, training seed {seed} only; chosen on validation "
         "accuracy, then loss; the chosen config is then run at every seed)",
         "",
-        "| orth_weight | sparsity_weight | s lr x | distillation | pruning | val acc | val loss | test acc | "
+        "| orth_weight | sparsity_weight | s lr x | distillation | pruning | F lr x | val acc | val loss | test acc | "
         "pruned test acc | energy kept | S-stage s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (-r["val"]["accuracy"], r["val"]["loss"])):
         c: RegConfig = r["config"]
@@ -325,7 +345,8 @@ def sweep_table(results: list[dict[str, Any]], best: RegConfig | None, budget: f
         pruned = r["pruned"]["test"]["accuracy"] if r.get("pruned") else float("nan")
         lines.append(
             f"| {c.orth_weight:g} | {c.sparsity} {c.sparsity_weight:g} | {c.s_lr_scale:g} | {c.distill_alpha:g} | "
-            f"{'gradual' if c.gradual else 'after S'} | {r['val']['accuracy']:.4f}{mark} | {r['val']['loss']:.4f} | "
+            f"{'gradual' if c.gradual else 'after S'} | {c.ft_lr_scale:g} | {r['val']['accuracy']:.4f}{mark} | "
+            f"{r['val']['loss']:.4f} | "
             f"{r['test']['accuracy']:.4f} | {pruned:.4f} | {r['energy_kept']:.3f} | "
             f"{r['regularized']['train']['wall_s']:.0f} |"
         )
@@ -353,13 +374,21 @@ PLOT_STYLES = {
     "ours_pruned": ("tab:green", "^", ":"),
     "ours": ("tab:green", "^", "-"),
     "ours_gradual": ("tab:olive", "*", "-"),
+    "ours_asvd": ("tab:cyan", "P", "-"),
     "ours_householder": ("tab:purple", "D", "-"),
     "ours_sttp": ("tab:brown", "v", "-"),
     "ours_cur": ("tab:red", "P", "-"),
 }
 # Horizontal shift (millions of parameters) of the methods with error bars, so that bars at one budget stay apart.
-PLOT_DODGE = {"svd_ft": -0.16, "asvd_ft": -0.08, "ours_pruned": 0.0, "ours": 0.08, "ours_gradual": 0.16}
-PLOT_TRAINED = ("svd_ft", "asvd_ft", "ours", "ours_gradual", *VARIANT_METHODS, "dense", "dense_ft")
+PLOT_DODGE = {
+    "svd_ft": -0.16,
+    "asvd_ft": -0.08,
+    "ours_pruned": 0.0,
+    "ours": 0.08,
+    "ours_gradual": 0.16,
+    "ours_asvd": 0.24,
+}
+PLOT_TRAINED = ("svd_ft", "asvd_ft", "ours", "ours_gradual", "ours_asvd", *VARIANT_METHODS, "dense", "dense_ft")
 
 
 def plot(table: dict[tuple[str, float], Cell], path: Path, title: str) -> Path:

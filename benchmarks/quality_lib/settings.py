@@ -19,6 +19,7 @@ METHOD_LABELS = {
     "ours_pruned": "5a. ours, pruned, before fine-tuning",
     "ours": "5. ours (SVD training + prune + fine-tune)",
     "ours_gradual": "5e. ours, gradual pruning (best gradual config of the sweep)",
+    "ours_asvd": "5f. ours, data-aware init (ASVD factors; best such config of the sweep)",
     "ours_householder": "5b. ours, Householder (SVDP)",
     "ours_sttp": "5c. ours, STTP",
     "ours_cur": "5d. ours, CUR",
@@ -48,6 +49,13 @@ class RegConfig:
             (`prune_start_step` at `GRADUAL_START` of it, cubic schedule) instead of one cut after it; the S stage
             then runs once per budget.
         budget (`float`, *optional*): The budget a gradual S stage prunes to (set per run by `for_budget`).
+        ft_lr_scale (`float`, defaults to 1.0): Learning rate of the F stage (fine-tuning after pruning), as a
+            multiple of `Settings.learning_rate`. The S stage does not depend on it, so configs that differ only
+            here share their regularized model.
+        init (`str`, defaults to `"svd"`): The factors the S stage starts from: `"svd"` (the dense weight's SVD,
+            as `svd_factorize_`) or `"asvd"` (the data-aware factors of the ASVD baseline, `W diag(a) = U S V'^T`,
+            `V = diag(a)^-1 V'` with unit columns), so that the sparsity term and pruning act on the
+            activation-weighted spectrum. `V` is then not orthonormal: use `orth_weight` 0.
     """
 
     orth_weight: float = 0.1
@@ -57,35 +65,63 @@ class RegConfig:
     distill_alpha: float = 0.0
     gradual: bool = False
     budget: float | None = None
+    ft_lr_scale: float = 1.0
+    init: str = "svd"
+
+    def __post_init__(self) -> None:
+        if self.init not in ("svd", "asvd"):
+            raise ValueError(f"init {self.init!r}: use 'svd' or 'asvd'.")
+        if self.init == "asvd" and self.orth_weight:
+            raise ValueError("init 'asvd' starts from factors whose V is not orthonormal: use orth_weight 0.")
+
+    def record(self) -> dict[str, Any]:
+        """The fields as stored in result files; `ft_lr_scale` and `init` only when set, so that the results stored
+        before they existed keep their fingerprints."""
+        fields = dataclasses.asdict(self)
+        for name, default in (("ft_lr_scale", 1.0), ("init", "svd")):
+            if fields[name] == default:
+                del fields[name]
+        return fields
 
     @property
     def key(self) -> str:
         """A file-name-safe identifier, e.g. `o0.1_hoyer0.001_slr1` (`_kd0.5` appended with distillation,
-        `_gradual` with gradual pruning, `_b50` for the budget of a gradual S stage)."""
+        `_gradual` with gradual pruning, `_b50` for the budget of a gradual S stage, `_ft0.3` for the F stage's
+        learning rate, `_asvd` for the data-aware init)."""
         key = f"o{self.orth_weight:g}_{self.sparsity}{self.sparsity_weight:g}_slr{self.s_lr_scale:g}"
         key += f"_kd{self.distill_alpha:g}" if self.distill_alpha else ""
         key += "_gradual" if self.gradual else ""
-        return key + (f"_b{round(100 * self.budget)}" if self.budget is not None else "")
+        key += f"_b{round(100 * self.budget)}" if self.budget is not None else ""
+        key += f"_ft{self.ft_lr_scale:g}" if self.ft_lr_scale != 1 else ""
+        return key + ("_asvd" if self.init == "asvd" else "")
 
     @property
     def label(self) -> str:
         """A short human-readable description for tables."""
         text = f"orth {self.orth_weight:g}, {self.sparsity} {self.sparsity_weight:g}, s lr x{self.s_lr_scale:g}"
         text += f", distillation {self.distill_alpha:g}" if self.distill_alpha else ""
-        return text + (", gradual pruning" if self.gradual else "")
+        text += ", gradual pruning" if self.gradual else ""
+        text += f", F lr x{self.ft_lr_scale:g}" if self.ft_lr_scale != 1 else ""
+        return text + (", ASVD init" if self.init == "asvd" else "")
 
     def for_budget(self, budget: float) -> RegConfig:
-        """The config of the S stage behind ours at `budget`: per budget when pruning gradually, else shared."""
-        return dataclasses.replace(self, budget=budget) if self.gradual else self
+        """The config of the S stage behind ours at `budget`: per budget when pruning gradually, else shared; the F
+        stage's learning rate is not part of it."""
+        stage = dataclasses.replace(self, ft_lr_scale=1.0)
+        return dataclasses.replace(stage, budget=budget) if self.gradual else stage
 
     @classmethod
     def parse(cls, spec: str) -> RegConfig:
-        """`"orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual]]]]"`, e.g. `"0.1:1e-3"`,
-        `"0.1:1e-2:30"`, `"0.1:1e-2:1000:hoyer:0.5"` or `"0.1:1e-2:1000:hoyer:0.5:gradual"`."""
+        """`"orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual[:ft_lr_scale[:init]]]]]]"`, e.g.
+        `"0.1:1e-3"`, `"0.1:1e-2:30"`, `"0.1:1e-2:1000:hoyer:0.5"`, `"0.1:1e-2:1000:hoyer:0.5:gradual"`,
+        `"0.1:1e-2:1000:hoyer:0.5::0.3"` (one cut after S, F stage at 0.3 times the learning rate) or
+        `"0:1e-2:100:hoyer:0::0.3:asvd"` (data-aware init)."""
         parts = spec.split(":")
-        if not 2 <= len(parts) <= 6 or (len(parts) == 6 and parts[5] not in ("gradual", "")):
+        if not 2 <= len(parts) <= 8 or (len(parts) >= 6 and parts[5] not in ("gradual", "")):
             raise ValueError(
-                f"--sweep entry {spec!r}: use orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual]]]]."
+                f"--sweep entry {spec!r}: use "
+                "orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual[:ft_lr_scale[:init]]]]]] "
+                "(gradual: the word `gradual` or nothing)."
             )
         kwargs: dict[str, Any] = {"orth_weight": float(parts[0]), "sparsity_weight": float(parts[1])}
         if len(parts) > 2:
@@ -96,6 +132,10 @@ class RegConfig:
             kwargs["distill_alpha"] = float(parts[4])
         if len(parts) > 5:
             kwargs["gradual"] = parts[5] == "gradual"
+        if len(parts) > 6 and parts[6]:
+            kwargs["ft_lr_scale"] = float(parts[6])
+        if len(parts) > 7:
+            kwargs["init"] = parts[7]
         return cls(**kwargs)
 
 
@@ -103,11 +143,12 @@ def effective_config(config: RegConfig, parameterization: str) -> RegConfig:
     """The regularizer config `parameterization` trains with under ours' `config`.
 
     CUR has no singular values (no sparsity term, no `s` learning rate) and no orthogonality term: it trains with its
-    approximation term alone (`SVDConfig.approx_weight`), whatever `config` says. The others use `config`.
+    approximation term alone (`SVDConfig.approx_weight`), whatever `config` says. The others use `config`, starting
+    from their own factorization of the dense weight (the data-aware init is for `"svd"` only).
     """
     if parameterization == "cur":
         return RegConfig(orth_weight=0.0, sparsity_weight=0.0, sparsity="none", s_lr_scale=1.0)
-    return config
+    return config if parameterization == "svd" else dataclasses.replace(config, init="svd")
 
 
 @dataclass
@@ -202,6 +243,7 @@ def preset(task: str) -> Settings:
                 RegConfig(0.1, 1e-3),
                 RegConfig(0.01, 1e-2, s_lr_scale=10.0),
                 RegConfig(0.1, 1e-2, s_lr_scale=10.0, distill_alpha=0.5, gradual=True),
+                RegConfig(0.0, 1e-2, s_lr_scale=10.0, ft_lr_scale=0.3, init="asvd"),
             ),
         )
     if task == "dinov2":
@@ -222,6 +264,15 @@ DEFAULT_SWEEP = (
     "0.1:1e-2:1:hoyer:0:gradual",
     "0.1:1e-2:1000:hoyer:0:gradual",
     "0.1:1e-2:1000:hoyer:0.5:gradual",
+    # The F stage's learning rate: 30 steps at the full rate from a pruned model that is already trained can undo
+    # more than they recover (the S stages are the rows above, reused).
+    "0.1:1e-2:1000:hoyer:0.5::0.3",
+    "0.1:1e-2:1000:hoyer:0::0.3",
+    "0.1:1e-2:100:hoyer:0::0.3",
+    "0.1:1e-2:1000:hoyer:0:gradual:0.3",
+    # Data-aware init: ours' S stage on the ASVD factors (row 5f; orthogonality off, V is not orthonormal there).
+    "0:1e-2:100:hoyer:0::0.3:asvd",
+    "0:1e-2:1000:hoyer:0::0.3:asvd",
 )
 
 
@@ -281,6 +332,8 @@ def to_json(data: Any) -> str:
 
 
 def _default(value: Any) -> Any:
+    if isinstance(value, RegConfig):
+        return value.record()
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
     if isinstance(value, Path):

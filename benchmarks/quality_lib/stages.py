@@ -229,6 +229,8 @@ class Bench:
     def regularized_fingerprint(self, config: RegConfig, seed: int, parameterization: str = "svd") -> dict[str, Any]:
         """Fingerprint of the regularized model (ours' unchanged; the others add their parameterization)."""
         reg = effective_config(config, parameterization)
+        if parameterization == "svd" and reg.init == "asvd":
+            return {**self.fingerprint("ours", seed, config=reg), **self.asvd_fingerprint()}
         if parameterization == "svd":
             return self.fingerprint("ours", seed, config=reg)
         factor = _svd_config(reg, parameterization)
@@ -246,8 +248,7 @@ class Bench:
             return cached
         s, reg = self.settings, effective_config(config, parameterization)
         log(f"{name} [{parameterization}, {reg.label}]: {s.svd_steps} steps with the regularizers (seed {seed})")
-        model = self.fresh_dense()
-        svd_factorize_(model, _svd_config(reg, parameterization))
+        model = self.factorize_for_s_stage(reg, parameterization)
         training = train(
             model,
             self.setup(),
@@ -269,6 +270,19 @@ class Bench:
         if parameterization != "svd":
             result["parameterization"] = parameterization
         return self.cache.save(name, fingerprint, {**result, "created": time.time()})
+
+    def factorize_for_s_stage(self, config: RegConfig, parameterization: str = "svd") -> torch.nn.Module:
+        """A copy of the dense model factored at full rank as `config.init` says (the SVD, or ASVD's factors)."""
+        model = self.fresh_dense()
+        if config.init == "asvd" and parameterization == "svd":
+            asvd_factorize_(model, _svd_config(config), self.asvd_scales(), self.settings.asvd_alpha)
+            return normalize_columns_(model)
+        return svd_factorize_(model, _svd_config(config, parameterization))
+
+    def asvd_fingerprint(self) -> dict[str, Any]:
+        """The settings the ASVD factors depend on (beyond the dense model's)."""
+        asvd = self.fingerprint("asvd_ft")
+        return {k: asvd[k] for k in ("calib_batches", "asvd_alpha")}
 
     def gradual_pruning(self, config: RegConfig) -> dict[str, Any] | None:
         """`SVDTrainingArguments` fields of a gradual S stage: from `GRADUAL_START` of it to its last step, to the
@@ -292,6 +306,18 @@ class Bench:
         path = self.regularized_dir(config, seed, parameterization) / REGULARIZED_FILE
         model.load_state_dict(load_file(path, device=str(self.setup().model.device)), strict=True)
         return model
+
+    def ours_fingerprint(
+        self, config: RegConfig, budget: float, seed: int, regularized: dict[str, Any], parameterization: str = "svd"
+    ) -> dict[str, Any]:
+        """Fingerprint of ours at `budget`: its S stage's, the creation time of the `regularized` model it prunes,
+        and the F stage's learning rate when it is not the common one."""
+        stage = config.for_budget(budget)
+        found = {
+            **self.regularized_fingerprint(stage, seed, parameterization),
+            "regularized_created": regularized["created"],
+        }
+        return found if config.ft_lr_scale == 1 else {**found, "ft_lr_scale": config.ft_lr_scale}
 
     def ours_names(self, config: RegConfig, budget: float, seed: int, parameterization: str = "svd") -> dict[str, str]:
         """Result names of ours at `budget`: `ft` (fine-tuned) and, for "svd" only, `pruned` (before fine-tuning).
@@ -317,8 +343,7 @@ class Bench:
         steps (sparsity off) with `seed`."""
         stage = config.for_budget(budget)  # the S stage behind this result
         regularized = self.run_regularized(stage, seed, parameterization)
-        fingerprint = {**self.regularized_fingerprint(stage, seed, parameterization)}
-        fingerprint["regularized_created"] = regularized["created"]
+        fingerprint = self.ours_fingerprint(config, budget, seed, regularized, parameterization)
         names = self.ours_names(config, budget, seed, parameterization)
         cached = self.cached(names["ft"], fingerprint, splits)
         if cached is not None and ("pruned" not in names or self.cached(names["pruned"], fingerprint, ("test",))):
@@ -334,7 +359,7 @@ class Bench:
             self.record(names["pruned"], fingerprint, model, ("test",), **pruned)
         steps = self.settings.finetune_steps
         log(f"{names['ft']}: fine-tuning {steps} steps (seed {seed})")
-        lr = self.settings.learning_rate
+        lr = self.settings.learning_rate * config.ft_lr_scale
         training = train(model, self.setup(), self.settings, steps, lr, reg, seed=seed, **self.distillation(reg))
         method = "ours" if parameterization == "svd" else f"ours_{parameterization}"
         result = self.record(names["ft"], fingerprint, model, splits, **info, method=method, train=training)
@@ -353,12 +378,13 @@ class Bench:
         results = []
         for config in self.settings.sweep:
             stage = config.for_budget(self.settings.sweep_budget)
+            name = result_name("regularized", None, stage)
             regularized = self.cache.load(
-                result_name("regularized", None, stage), self.fingerprint("ours", config=stage), ignore_force=True
+                name, self.regularized_fingerprint(stage, self.settings.seed), ignore_force=True
             )
             if regularized is None:
                 continue
-            fingerprint = self.fingerprint("ours", config=stage, regularized_created=regularized["created"])
+            fingerprint = self.ours_fingerprint(config, self.settings.sweep_budget, self.settings.seed, regularized)
             name = result_name("ours", self.settings.sweep_budget, config)
             result = self.cache.load(name, fingerprint, ignore_force=True)
             pruned = self.cache.load(name.replace("ours@", "ours_pruned@"), fingerprint, ignore_force=True)
@@ -366,12 +392,17 @@ class Bench:
                 results.append({**result, "config": config, "pruned": pruned, "regularized": regularized})
         return results
 
-    def best_config(self, gradual: bool | None = None) -> RegConfig | None:
+    def best_config(self, gradual: bool | None = None, init: str | None = None) -> RegConfig | None:
         """The sweep config with the best validation accuracy (ties: lower validation loss); None without a sweep.
 
-        `gradual` True / False: the best among the configs that prune gradually / at once after S.
+        `gradual` True / False: the best among the configs that prune gradually / at once after S; `init`: the best
+        among those that start from these factors (`RegConfig.init`).
         """
-        results = [r for r in self.sweep_results() if gradual is None or r["config"].gradual == gradual]
+        results = [
+            r
+            for r in self.sweep_results()
+            if (gradual is None or r["config"].gradual == gradual) and (init is None or r["config"].init == init)
+        ]
         if not results:
             return None
         best = max(results, key=lambda r: (r["val"]["accuracy"], -r["val"]["loss"]))
@@ -395,15 +426,15 @@ class Bench:
     def baseline_fingerprint(self, method: str, seed: int | None = None) -> dict[str, Any]:
         """Fingerprint of a baseline result: `svd`, `svd_ft`, `asvd` (untrained ASVD) or `asvd_ft` (with `seed`)."""
         if method == "asvd":
-            asvd = self.fingerprint("asvd_ft")
-            return {**self.fingerprint("svd"), **{k: asvd[k] for k in ("calib_batches", "asvd_alpha")}}
+            return {**self.fingerprint("svd"), **self.asvd_fingerprint()}
         return self.fingerprint(method, seed)
 
-    def collect(self, config: RegConfig, gradual: RegConfig | None = None) -> list[dict[str, Any]]:
+    def collect(self, config: RegConfig, extra: dict[str, RegConfig | None] | None = None) -> list[dict[str, Any]]:
         """Every stored result of the table for the current settings and seeds (missing ones are left out).
 
         Each row gets `seed`: its training seed, None for the results that do not train after the dense model.
-        `gradual` (a config that prunes gradually, other than `config`) adds its fine-tuned results as row 5e.
+        `extra` maps a row of ours (`ours_gradual`: 5e, `ours_asvd`: 5f) to its config: its fine-tuned results are
+        added under that method, unless the config is `config` itself (None: no such row).
         """
         rows = [self._load("dense", self.settings.fingerprint("dense"), None)]
         for seed in self.settings.seeds:
@@ -417,9 +448,10 @@ class Bench:
                     rows.append(self._load(self.name(method, budget, seed=seed), fingerprint, seed))
         for seed in self.settings.seeds:
             rows += self._collect_ours(config, seed)
-            if gradual is not None and gradual != config:
-                found = [r for r in self._collect_ours(gradual, seed) if r and r["method"] == "ours"]
-                rows += [{**r, "method": "ours_gradual"} for r in found]
+            for method, other in (extra or {}).items():
+                if other is not None and other != config:
+                    found = [r for r in self._collect_ours(other, seed) if r and r["method"] == "ours"]
+                    rows += [{**r, "method": method} for r in found]
         for parameterization in PARAMETERIZATIONS:
             rows += self._collect_ours(config, self.settings.seeds[0], parameterization)
         return [row for row in rows if row is not None]
@@ -437,7 +469,7 @@ class Bench:
             regularized = self.cache.load(name, fingerprint, ignore_force=True)
             if regularized is None:
                 continue
-            fingerprint = {**fingerprint, "regularized_created": regularized["created"]}
+            fingerprint = self.ours_fingerprint(config, budget, seed, regularized, parameterization)
             for name in self.ours_names(config, budget, seed, parameterization).values():
                 result = self._load(name, fingerprint, seed)
                 rows.append(None if result is None else {**result, "regularized": regularized})
