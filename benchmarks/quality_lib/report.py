@@ -335,16 +335,17 @@ def sweep_table(results: list[dict[str, Any]], best: RegConfig | None, budget: f
         f"### Sweep of the regularizer weights (ours at {budget:.0%}, training seed {seed} only; chosen on validation "
         "accuracy, then loss; the chosen config is then run at every seed)",
         "",
-        "| orth_weight | sparsity_weight | s lr x | distillation | pruning | F lr x | val acc | val loss | test acc | "
-        "pruned test acc | energy kept | S-stage s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| init | orth_weight | sparsity_weight | s lr x | distillation | pruning | F lr x | val acc | val loss | "
+        "test acc | pruned test acc | energy kept | S-stage s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (-r["val"]["accuracy"], r["val"]["loss"])):
         c: RegConfig = r["config"]
         mark = " **(chosen)**" if c == best else ""
         pruned = r["pruned"]["test"]["accuracy"] if r.get("pruned") else float("nan")
         lines.append(
-            f"| {c.orth_weight:g} | {c.sparsity} {c.sparsity_weight:g} | {c.s_lr_scale:g} | {c.distill_alpha:g} | "
+            f"| {c.init} | {c.orth_weight:g} | {c.sparsity} {c.sparsity_weight:g} | {c.s_lr_scale:g} | "
+            f"{c.distill_alpha:g} | "
             f"{'gradual' if c.gradual else 'after S'} | {c.ft_lr_scale:g} | {r['val']['accuracy']:.4f}{mark} | "
             f"{r['val']['loss']:.4f} | "
             f"{r['test']['accuracy']:.4f} | {pruned:.4f} | {r['energy_kept']:.3f} | "
