@@ -1,5 +1,6 @@
 """hf_svd_compress: compress Hugging Face Transformers models by SVD training."""
 
+from .calibration import activation_scales
 from .config import DEFAULT_TARGET_MODULES, SVDConfig
 from .conv import SVDConv2d
 from .cur import CompactCURLinear, CURLinear, cur_layers
@@ -24,6 +25,7 @@ from .trainer import SVDPruningCallback, SVDTrainer, SVDTrainingArguments
 __version__ = "0.1.0"
 
 __all__ = [
+    "activation_scales",
     "CompressedFormatError",
     "load_compressed",
     "load_factored_checkpoint",

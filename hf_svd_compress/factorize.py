@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from .config import SVDConfig
 from .conv import SVDConv2d, check_conv
 from .cur import CUR_TYPES
-from .layers import FACTORABLE_TYPES, SVDLinear
+from .layers import FACTORABLE_TYPES, SVDLinear, dense_weight
 from .matching import find_targets
 from .parameterizations import factored_layer
 
@@ -18,7 +19,10 @@ CONFIG_KEY = "svd_training"
 
 
 def svd_factorize_(
-    model: nn.Module, config: SVDConfig | None = None, filter_fn: Callable[[nn.Module, str], bool] | None = None
+    model: nn.Module,
+    config: SVDConfig | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    input_scales: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Replace the target layers of `model` by their full-rank SVD (`SVDLinear`), in place.
 
@@ -30,6 +34,11 @@ def svd_factorize_(
         config (`SVDConfig`, *optional*): What to factor; defaults to `SVDConfig()` (per-architecture targets).
         filter_fn (`Callable[[nn.Module, str], bool]`, *optional*): Extra filter on `(module, name)`, as in
             torchao's `quantize_`.
+        input_scales (`dict[str, torch.Tensor]`, *optional*): A data-aware start: per-input-channel scales of every
+            target layer, from `activation_scales(model, dataset, config)`. Each layer is factored in the basis of
+            ASVD (`W diag(a) = U S V'^T`, `V = diag(a)^-1 V'`, unit columns), so the sparsity term and pruning rank
+            directions that matter for the inputs the layer sees. Its `V` is not orthonormal: the config must have
+            `orth_weight=0.0`, `parameterization="svd"`, no `init_energy` / `init_max_rank`, and no conv targets.
 
     Returns:
         The same `model`, whose outputs equal the dense model's up to float error. Layers already factored are
@@ -38,7 +47,8 @@ def svd_factorize_(
     Raises:
         `NoTargetModulesError`: nothing matched. `TypeError`: a matched module is not a linear layer or an
         `nn.Conv2d`. `ValueError`: a matched conv cannot be factored (grouped, non-zero `padding_mode`, or a
-        `parameterization` other than "svd"). All are raised before the model is changed.
+        `parameterization` other than "svd"), or `input_scales` do not fit (see above). All are raised before the
+        model is changed.
     """
     config = config or SVDConfig()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -60,21 +70,57 @@ def svd_factorize_(
     for name in names:  # refuse a conv that cannot be factored before any layer is swapped
         if isinstance(modules[name], nn.Conv2d):
             check_conv(modules[name], config.conv_mode, config.parameterization, name)
+    if input_scales is not None:
+        check_input_scales(modules, names, config, input_scales)
     # Drop our references to the dense layers: each one must be freed as soon as it is swapped out, before the
     # next layer's SVD, so factoring never holds the dense and the factored model at once.
     del modules
     for name in names:
-        _factor_one(model, name, config)
+        _factor_one(model, name, config, None if input_scales is None else input_scales.get(name))
     model.svd_config = config
     _record_on_config(model, config)
     return model
 
 
-def _factor_one(model: nn.Module, name: str, config: SVDConfig) -> None:
+def check_input_scales(
+    modules: dict[str, nn.Module], names: list[str], config: SVDConfig, input_scales: dict[str, torch.Tensor]
+) -> None:
+    """Refuse data-aware scales that do not fit the config or the dense layers they are for."""
+    fixes = {
+        "orth_weight": (config.orth_weight != 0, "SVDConfig(orth_weight=0.0): the data-aware V is not orthonormal"),
+        "parameterization": (config.parameterization != "svd", 'parameterization="svd"'),
+        "init_energy / init_max_rank": (
+            config.init_energy is not None or config.init_max_rank is not None,
+            "no init_energy / init_max_rank: the data-aware start is full rank (prune after training)",
+        ),
+    }
+    wrong = [f"{field} (use {fix})" for field, (bad, fix) in fixes.items() if bad]
+    if wrong:
+        raise ValueError(f"input_scales: {'; '.join(wrong)}.")
+    dense = [n for n in names if not isinstance(modules[n], SVDLinear)]
+    convs = [n for n in dense if isinstance(modules[n], nn.Conv2d)]
+    if convs:
+        raise ValueError(f"input_scales: data-aware factors are for linear layers; leave out the convs {convs[:3]}.")
+    missing = [n for n in dense if n not in input_scales]
+    if missing:
+        raise ValueError(
+            f"input_scales has no scales for {missing[:3]} ({len(missing)} layers): compute them with "
+            "activation_scales(model, dataset, config) for the same model and config."
+        )
+    for name in dense:
+        scale, columns = input_scales[name], dense_weight(modules[name]).shape[1]
+        if scale.shape != (columns,) or not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise ValueError(
+                f"input_scales[{name!r}]: expected {columns} finite non-negative values (one per input channel), "
+                f"got shape {tuple(scale.shape)}."
+            )
+
+
+def _factor_one(model: nn.Module, name: str, config: SVDConfig, input_scale: torch.Tensor | None = None) -> None:
     """Swap one layer for its SVD; the dense layer is unreferenced (and freed) when this returns."""
     dense = model.get_submodule(name)
     if not isinstance(dense, (SVDLinear, *CUR_TYPES)):
-        _replace(model, name, factored_layer(dense, config))
+        _replace(model, name, factored_layer(dense, config, input_scale))
 
 
 def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:

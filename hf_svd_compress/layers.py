@@ -69,13 +69,22 @@ class SVDLinear(nn.Module):
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, energy: float | None = None, max_rank: int | None = None) -> SVDLinear:
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        energy: float | None = None,
+        max_rank: int | None = None,
+        input_scale: torch.Tensor | None = None,
+    ) -> SVDLinear:
         """Factor a dense layer by its SVD, computed in float32 (or float64 if the weight is float64).
 
         Args:
             linear (`nn.Linear` or `transformers.pytorch_utils.Conv1D`): The layer to factor.
             energy (`float`, *optional*): Keep the fewest singular values holding this fraction of sum(s^2).
             max_rank (`int`, *optional*): Keep at most this many singular values.
+            input_scale (`torch.Tensor`, *optional*): Per-input-channel scales `a` (`activation_scales`): factor at
+                full rank in the basis of ASVD, `W diag(a) = U S V'^T`, `V = diag(a)^-1 V'` with unit columns (their
+                norms move into `s`); `V` is then not orthonormal. Not combined with `energy` or `max_rank`.
 
         Returns:
             `SVDLinear` on the weight's device and dtype, computing the same function (up to float error) when
@@ -85,7 +94,12 @@ class SVDLinear(nn.Module):
         m, n = weight.shape
         full = min(m, n)
         keep = min(max_rank or full, full)
-        U, s, V = _svd(weight, keep if energy is None else full)
+        if input_scale is not None:
+            if energy is not None or max_rank is not None:
+                raise ValueError("input_scale factors at full rank: drop energy / max_rank (prune after training).")
+            U, s, V = _scaled_svd(weight, input_scale)
+        else:
+            U, s, V = _svd(weight, keep if energy is None else full)
         if energy is not None:
             keep = min(keep, energy_rank(s, energy))
         layer = cls(n, m, keep, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
@@ -187,6 +201,21 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     cum = e.cumsum(0) / e.sum()
     k = int(torch.searchsorted(cum, torch.tensor(energy - tolerance, dtype=cum.dtype)).item()) + 1
     return max(1, min(k, nonzero))
+
+
+def _scaled_svd(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`W = U diag(s) V^T` with `U, s, V'` the SVD of `W diag(a)`, `V = diag(a)^-1 V'` scaled to unit columns.
+
+    In float64: dividing by small scales amplifies rounding. A channel that was never active (scale 0) gets the
+    smallest useful scale instead of a division by zero.
+    """
+    w = weight.detach().double()
+    a = scale.detach().to(w.device, torch.float64)
+    a = a.clamp_min(float(a.max()) * 1e-6)
+    U, s, Vh = torch.linalg.svd(w * a, full_matrices=False)
+    V = Vh.T / a[:, None]
+    norms = V.norm(dim=0).clamp_min(1e-12)
+    return U, s * norms, V / norms
 
 
 def _svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .calibration import activation_scales
 from .config import SVDConfig
 from .export import _holds_model, save_compressed
 from .factorize import svd_factorize_, svd_layers
@@ -48,11 +49,29 @@ class PipelineArguments:
     overwrite_export: bool = field(
         default=False, metadata={"help": "Replace a model already in export_dir (refused otherwise)."}
     )
+    data_aware_init: bool = field(
+        default=False,
+        metadata={
+            "help": "Start SVD training from data-aware factors (ASVD's basis, from the inputs of "
+            "calibration_batches training batches) instead of the plain SVD. Needs --orth_weight 0."
+        },
+    )
+    calibration_batches: int = field(
+        default=64, metadata={"help": "Training batches whose inputs set the data-aware factors."}
+    )
+    finetune_lr_scale: float = field(
+        default=1.0,
+        metadata={"help": "Learning rate of the fine-tuning stage, as a multiple of --learning_rate."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("dense_steps", "svd_steps", "finetune_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be >= 0.")
+        if self.calibration_batches < 1:
+            raise ValueError(f"--calibration_batches {self.calibration_batches}: must be >= 1.")
+        if not self.finetune_lr_scale > 0:
+            raise ValueError(f"--finetune_lr_scale {self.finetune_lr_scale}: must be > 0.")
 
     def svd_config(self, args: SVDTrainingArguments) -> SVDConfig:
         """The `SVDConfig` for these targets and the regularizer/pruning settings in `args`."""
@@ -141,12 +160,22 @@ def check_gradual(pipeline_args: PipelineArguments, args: SVDTrainingArguments, 
         )
 
 
+def check_data_aware(pipeline_args: PipelineArguments, config: SVDConfig) -> None:
+    """`--data_aware_init` factors with a `V` that is not orthonormal: refuse an orthogonality term up front."""
+    if pipeline_args.data_aware_init and config.orth_weight != 0:
+        raise ValueError(
+            f"--data_aware_init with orth_weight {config.orth_weight:g}: the data-aware factors' V is not "
+            "orthonormal, so the orthogonality loss would pull it away from them. Add --orth_weight 0."
+        )
+
+
 def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> dict:
     """Run every stage and export; returns (and writes next to the export) a summary of what happened."""
     check_unsharded(args)
     export_dir = check_export_dir(pipeline_args, args)
     config = pipeline_args.svd_config(args)
     check_gradual(pipeline_args, args, config)
+    check_data_aware(pipeline_args, config)
     model, summary = setup.model, {"accuracy": {}, "base_model": setup.base_model, "task": setup.task}
     start = time.perf_counter()
 
@@ -159,8 +188,14 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     # With distillation the dense model, as it is now, teaches the factored one in the SVD and fine-tuning stages.
     teacher = copy.deepcopy(model).eval() if args.distill_alpha else None
 
-    stage("2/5 factoring the target layers (full-rank SVD)", args)
-    svd_factorize_(model, config)
+    scales = None
+    if pipeline_args.data_aware_init:  # the same first batches on every process: the same factors everywhere
+        batch = args.per_device_train_batch_size
+        scales = activation_scales(
+            model, setup.train_dataset, config, setup.data_collator, batch, pipeline_args.calibration_batches
+        )
+    stage(f"2/5 factoring the target layers (full-rank {'data-aware ' if scales else ''}SVD)", args)
+    svd_factorize_(model, config, input_scales=scales)
     summary["spectra_initial"] = _spectra(model)
 
     how = {"method": "budget", "budget": config.prune_budget} if config.prune_budget else None
@@ -184,7 +219,12 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     summary["accuracy"]["pruned"] = _evaluate(SVDTrainer, setup, eval_args, teacher)
     if pipeline_args.finetune_steps:
         ft_args = _stage_args(
-            args, pipeline_args.finetune_steps, "finetune", sparsity="none", singular_value_lr_scale=1.0
+            args,
+            pipeline_args.finetune_steps,
+            "finetune",
+            sparsity="none",
+            singular_value_lr_scale=1.0,
+            learning_rate=args.learning_rate * pipeline_args.finetune_lr_scale,
         )
         _train(SVDTrainer, setup, ft_args, teacher)
     summary["accuracy"]["compressed"] = _evaluate(SVDTrainer, setup, eval_args, teacher)

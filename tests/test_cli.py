@@ -76,6 +76,29 @@ def test_compress_prunes_gradually_during_the_svd_stage(tiny_text_model, tiny_te
     assert kept <= 0.5 * sum(m * n for m, n in meta["shapes"].values())
 
 
+def test_compress_starts_from_data_aware_factors_and_fine_tunes_at_its_own_rate(
+    compressed_run, tiny_text_model, tiny_text_csv, tmp_path
+):
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
+    args += ["--output_dir", str(tmp_path / "o"), "--prune_energy", "0.8", "--data_aware_init", "--orth_weight", "0"]
+    result = run([*args, "--calibration_batches", "2", "--finetune_lr_scale", "0.3"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "[hf-svd-compress] 2/5 factoring the target layers (full-rank data-aware SVD)" in result.stdout
+    summary = json.loads((tmp_path / "o" / "compressed" / "compression_summary.json").read_text())
+    plain = json.loads((compressed_run[0] / "compressed" / "compression_summary.json").read_text())
+    layer = next(iter(summary["spectra_initial"]))  # same dense model, another basis: another start
+    assert summary["spectra_initial"][layer] != pytest.approx(plain["spectra_initial"][layer], rel=1e-3)
+    rates = {}
+    for stage, text in (("svd", "3/5"), ("finetune", "4/5")):
+        part = result.stdout.split(f"[hf-svd-compress] {text}")[1].split("[hf-svd-compress] ")[0]
+        rates[stage] = [float(r) for r in re.findall(r"'learning_rate': '([0-9.e-]+)'", part)]
+    # Step for step, the fine-tuning schedule is the SVD stage's at 0.3 times the rate.
+    assert len(rates["svd"]) == 3 and rates["svd"][1] > 0
+    assert rates["finetune"] == pytest.approx([0.3 * r for r in rates["svd"][:2]])
+    card = (tmp_path / "o" / "compressed" / "README.md").read_text()
+    assert '"data_aware_init": true' in card and '"finetune_lr_scale": 0.3' in card
+
+
 def test_prune_reprunes_the_factored_checkpoint(compressed_run):
     out, _ = compressed_run
     target = out / "reprune"
@@ -116,6 +139,9 @@ def test_config_file_supplies_options_and_flags_override(tiny_text_model, tiny_t
         (["--prune_budget", "1.0"], "prune_budget"),
         (["--prune_start_step", "3", "--prune_budget", "0.5"], "--prune_start_step 3: the SVD stage has 3 steps"),
         (["--prune_start_step", "1"], "needs a budget target: add --prune_budget"),
+        (["--data_aware_init"], "Add --orth_weight 0"),
+        (["--finetune_lr_scale", "0"], "--finetune_lr_scale 0.0: must be > 0"),
+        (["--calibration_batches", "0"], "--calibration_batches 0: must be >= 1"),
     ],
 )
 def test_bad_input_fails_before_training(tiny_text_model, tiny_text_csv, tmp_path, extra, message):
