@@ -109,10 +109,11 @@ def check_input_scales(
         )
     for name in dense:
         scale, columns = input_scales[name], dense_weight(modules[name]).shape[1]
-        if scale.shape != (columns,) or not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+        fits = scale.shape == (columns,) and bool(torch.isfinite(scale).all()) and bool((scale >= 0).all())
+        if not fits or not float(scale.max()) > 0:
             raise ValueError(
-                f"input_scales[{name!r}]: expected {columns} finite non-negative values (one per input channel), "
-                f"got shape {tuple(scale.shape)}."
+                f"input_scales[{name!r}]: expected {columns} finite non-negative values (one per input channel), not "
+                f"all zero; got shape {tuple(scale.shape)}, min {float(scale.min()):g}, max {float(scale.max()):g}."
             )
 
 

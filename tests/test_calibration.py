@@ -102,6 +102,7 @@ def test_refusals_name_the_fix_and_leave_the_model_unchanged():
         (AWARE, dict(list(scales.items())[1:]), "no scales for"),
         (AWARE, {**scales, "bert.encoder.layer.0.output.dense": torch.ones(5)}, "expected 64 finite"),
         (AWARE, {**scales, "bert.encoder.layer.0.output.dense": torch.full((64,), float("nan"))}, "finite"),
+        (AWARE, {**scales, "bert.encoder.layer.0.output.dense": torch.zeros(64)}, "not all zero"),
     ]
     for config, given, message in cases:
         model = make_bert()

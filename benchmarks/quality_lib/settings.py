@@ -273,6 +273,8 @@ DEFAULT_SWEEP = (
     # Data-aware init: ours' S stage on the ASVD factors (row 5f; orthogonality off, V is not orthonormal there).
     "0:1e-2:100:hoyer:0::0.3:asvd",
     "0:1e-2:1000:hoyer:0::0.3:asvd",
+    "0:1e-2:100:hoyer:0:gradual:0.3:asvd",
+    "0:1e-2:1000:hoyer:0:gradual:0.3:asvd",
 )
 
 
