@@ -7,59 +7,18 @@ uses the scaled spectrum.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from hf_svd_compress import SVDConfig, svd_factorize_, svd_layers
 from hf_svd_compress.layers import FACTORABLE_TYPES, dense_weight
 from hf_svd_compress.matching import find_targets
-from hf_svd_compress.pipeline import TaskSetup
-
-from .core import collator
 
 
 def target_names(model: nn.Module, config: SVDConfig) -> list[str]:
     """The layers `svd_factorize_(model, config)` would factor, by the same matching rules."""
     targets = config.resolved_targets(getattr(model.config, "model_type", None))
     return find_targets(model, targets, config.exclude_modules, FACTORABLE_TYPES)
-
-
-@torch.inference_mode()
-def activation_scales(
-    model: nn.Module, names: list[str], setup: TaskSetup, batches: int, batch_size: int
-) -> dict[str, torch.Tensor]:
-    """Mean |x| per input channel of each layer in `names`, over `batches` training batches (padding excluded)."""
-    model.eval()
-    modules = dict(model.named_modules())
-    sums = {n: torch.zeros(dense_weight(modules[n]).shape[1], dtype=torch.float64) for n in names}
-    counts = dict.fromkeys(names, 0)
-    state: dict[str, Any] = {"mask": None}
-
-    def hook(name: str):
-        def record(_module, args):
-            x = args[0].detach()
-            mask = state["mask"]
-            rows = x[mask.bool()] if mask is not None and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
-            sums[name] += rows.abs().double().sum(0).cpu()
-            counts[name] += rows.shape[0]
-
-        return record
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    data = setup.train_dataset.select(range(min(len(setup.train_dataset), batches * batch_size)))
-    device = next(model.parameters()).device
-    try:
-        for batch in DataLoader(data, batch_size=batch_size, collate_fn=collator(setup)):
-            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            state["mask"] = batch.get("attention_mask")
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {n: (sums[n] / max(1, counts[n])).float() for n in names}
 
 
 @torch.no_grad()

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_svd_compress import SVDConfig, prune_, svd_factorize_, truncate_
+from hf_svd_compress import SVDConfig, activation_scales, prune_, svd_factorize_, truncate_
 from hf_svd_compress.layers import dense_weight
 from hf_svd_compress.pipeline import TaskSetup
 
-from .asvd import activation_scales, asvd_factorize_, normalize_columns_, target_names
-from .core import energy_kept, evaluate_splits, export_stats, factored_stats, file_stats, load_task, train
+from .asvd import asvd_factorize_, normalize_columns_, target_names
+from .core import collator, energy_kept, evaluate_splits, export_stats, factored_stats, file_stats, load_task, train
 from .settings import GRADUAL_START, PARAMETERIZATIONS, RegConfig, ResultCache, Settings, effective_config, result_name
 
 # Plain truncated SVD: no regularizer at any point (factors then train freely).
@@ -205,9 +205,10 @@ class Bench:
                 return stored["scales"]
         s = self.settings
         log(f"asvd: activation statistics over {s.calib_batches} calibration batches of {s.batch_size}")
-        model = self.setup().model
-        names = target_names(model, BASELINE_CONFIG)
-        scales = activation_scales(model, names, self.setup(), s.calib_batches, s.batch_size)
+        setup = self.setup()  # mean |x| (alpha 1): asvd_factorize_ applies the exponent
+        scales = activation_scales(
+            setup.model, setup.train_dataset, BASELINE_CONFIG, collator(setup), s.batch_size, s.calib_batches, 1.0
+        )
         torch.save({"settings": fingerprint, "scales": scales}, path)
         self.cache.fresh.add("asvd_scales")
         return scales
