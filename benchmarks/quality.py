@@ -50,8 +50,8 @@ config by validation accuracy; the table reports the test split.
 
 Settings (`quality_lib.settings.preset`): max_length 64, batch 16, dense 150 steps at lr 1e-4, then S = 50 and
 F = 30 (S + F = 80) at lr 1e-4. On the 2-core CPU machine with `--threads 1`: `--stage dense baselines` about 40 min
-and `--stage sweep ours` about 36 min for the sweep and row 5 plus 35 for row 5e, two stages running at once (five
-seeds; one thread was 6x faster per step than two on a busy machine).
+and `--stage sweep ours` about 35 min each for the sweep (17 configs), row 5 and row 5e, two stages running at once
+(five seeds; one thread was 6x faster per step than two on a busy machine).
 
 What the sweep and the seeds showed (MiniLM / BBC News; docs/benchmarks.md has the numbers):
 
