@@ -54,8 +54,8 @@ class RegConfig:
             here share their regularized model.
         init (`str`, defaults to `"svd"`): The factors the S stage starts from: `"svd"` (the dense weight's SVD,
             as `svd_factorize_`) or `"asvd"` (the data-aware factors of the ASVD baseline, `W diag(a) = U S V'^T`,
-            `V = diag(a)^-1 V'` with unit columns), so that the sparsity term and pruning act on the
-            activation-weighted spectrum. `V` is then not orthonormal: use `orth_weight` 0.
+            `V = diag(a)^-1 V'` with unit columns, `svd_factorize_(..., input_scales=)`), whose leading directions
+            are those the layer's inputs excite. `V` is then not orthonormal: use `orth_weight` 0.
     """
 
     orth_weight: float = 0.1
