@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from transformers import default_data_collator
 
 from .config import SVDConfig
@@ -79,9 +79,9 @@ def activation_scales(
     model.eval()
     handles = [modules[n].register_forward_pre_hook(record(n)) for n in names]
     device = next(model.parameters()).device
-    examples = [dataset[i] for i in range(count)]
-    try:
-        loader = DataLoader(examples, batch_size=batch_size, collate_fn=data_collator or default_data_collator)
+    try:  # a lazy subset: only one batch of (say, image) examples is in memory at a time
+        first = Subset(dataset, range(count))
+        loader = DataLoader(first, batch_size=batch_size, collate_fn=data_collator or default_data_collator)
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "label")}
             mask["now"] = batch.get("attention_mask")
