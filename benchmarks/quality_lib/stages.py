@@ -230,10 +230,9 @@ class Bench:
     def regularized_fingerprint(self, config: RegConfig, seed: int, parameterization: str = "svd") -> dict[str, Any]:
         """Fingerprint of the regularized model (ours' unchanged; the others add their parameterization)."""
         reg = effective_config(config, parameterization)
-        if parameterization == "svd" and reg.init == "asvd":
-            return {**self.fingerprint("ours", seed, config=reg), **self.asvd_fingerprint()}
         if parameterization == "svd":
-            return self.fingerprint("ours", seed, config=reg)
+            found = self.fingerprint("ours", seed, config=reg)
+            return {**found, **self.asvd_fingerprint()} if reg.init == "asvd" else found
         factor = _svd_config(reg, parameterization)
         extra = {"approx_weight": factor.approx_weight} if parameterization == "cur" else {}
         return self.fingerprint("ours", seed, config=reg, parameterization=parameterization, **extra)
@@ -273,12 +272,12 @@ class Bench:
         return self.cache.save(name, fingerprint, {**result, "created": time.time()})
 
     def factorize_for_s_stage(self, config: RegConfig, parameterization: str = "svd") -> torch.nn.Module:
-        """A copy of the dense model factored at full rank as `config.init` says (the SVD, or ASVD's factors)."""
-        model = self.fresh_dense()
+        """A copy of the dense model factored at full rank as `config.init` says: the SVD, or the library's
+        data-aware start from ASVD's calibration statistics (`svd_factorize_(..., input_scales=)`)."""
+        scales = None
         if config.init == "asvd" and parameterization == "svd":
-            asvd_factorize_(model, _svd_config(config), self.asvd_scales(), self.settings.asvd_alpha)
-            return normalize_columns_(model)
-        return svd_factorize_(model, _svd_config(config, parameterization))
+            scales = {n: a.pow(self.settings.asvd_alpha) for n, a in self.asvd_scales().items()}
+        return svd_factorize_(self.fresh_dense(), _svd_config(config, parameterization), input_scales=scales)
 
     def asvd_fingerprint(self) -> dict[str, Any]:
         """The settings the ASVD factors depend on (beyond the dense model's)."""
