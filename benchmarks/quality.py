@@ -21,8 +21,8 @@ steps (S + F):
    pruning to the budget during the S stage (`prune_start_step`, entries `...:gradual`; the S stage then runs once
    per budget). Two settings of the benchmark's own are swept as well: the F stage's learning rate (entries
    `...:<ft_lr_scale>`, a multiple of lr; S stages are shared across it) and a data-aware start (entries
-   `...:asvd`: the S stage starts from the basis of method 4's ASVD factors instead of the plain SVD, so its
-   leading directions are those the layer's inputs excite; orthogonality off, as `V` is not orthonormal there).
+   `...:asvd`: the S stage starts from the SVD of method 4's `W diag(a)` instead of the plain SVD, `a` kept fixed
+   in each layer, so its leading directions are those the layer's inputs excite and `s` is ASVD's spectrum).
    Row 5 is the config with the best validation accuracy; 5e / 5f are the best gradual / data-aware configs, when
    they are not row 5's.
 5b-5d. the same pipeline with the other parameterizations of `SVDConfig` (`--stage parameterizations`, not part of

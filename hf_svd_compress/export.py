@@ -249,6 +249,8 @@ def load_factored_checkpoint(path: str | os.PathLike, device: torch.device | str
                 )
             else:
                 layer = SVDLinear(in_features, out_features, rank, bias, dtype=model.dtype)
+                if f"{name}.input_scale" in tensors:  # a data-aware layer: its buffer is filled by the load below
+                    layer.input_scale = torch.empty(in_features, dtype=model.dtype)
         _replace(model, name, layer)
     _load_strict(model, tensors, folder)
     model.svd_config = SVDConfig.from_dict(stored["config"])

@@ -36,9 +36,10 @@ def svd_factorize_(
             torchao's `quantize_`.
         input_scales (`dict[str, torch.Tensor]`, *optional*): A data-aware start: per-input-channel scales of every
             target layer, from `activation_scales(model, dataset, config)`. Each layer is factored in the basis of
-            ASVD (`W diag(a) = U S V'^T`, `V = diag(a)^-1 V'`, unit columns), so the sparsity term and pruning rank
-            directions that matter for the inputs the layer sees. Its `V` is not orthonormal: the config must have
-            `orth_weight=0.0`, `parameterization="svd"`, no `init_energy` / `init_max_rank`, and no conv targets.
+            ASVD (`W diag(a) = U diag(s) V^T`, `a` kept as the layer's `input_scale` buffer), so the sparsity term
+            and pruning rank directions by what they contribute for the inputs the layer sees; `U` and `V` are
+            orthonormal. The config must have `parameterization="svd"`, no `init_energy` / `init_max_rank`, and no
+            conv targets.
 
     Returns:
         The same `model`, whose outputs equal the dense model's up to float error. Layers already factored are
@@ -87,7 +88,6 @@ def check_input_scales(
 ) -> None:
     """Refuse data-aware scales that do not fit the config or the dense layers they are for."""
     fixes = {
-        "orth_weight": (config.orth_weight != 0, "SVDConfig(orth_weight=0.0): the data-aware V is not orthonormal"),
         "parameterization": (config.parameterization != "svd", 'parameterization="svd"'),
         "init_energy / init_max_rank": (
             config.init_energy is not None or config.init_max_rank is not None,

@@ -27,6 +27,10 @@ class SVDLinear(nn.Module):
     Parameters are `U` (m x r), `s` (r), `V` (n x r) and `bias` (m); the boolean buffer `mask` (r) marks the live
     singular values. Masked values contribute nothing and get no gradient, so pruning never changes shapes (safe
     under DDP); `truncate_` removes them for good.
+
+    A data-aware layer (`from_linear(input_scale=a)`) also holds the fixed buffer `input_scale` (n): its weight is
+    `U diag(s) V^T diag(a)^-1`, so `s` is the spectrum of `W diag(a)` and `U`, `V` stay orthonormal;
+    `live_factors` and `composed_weight` give the dense weight's factors (`diag(a)^-1 V`).
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class SVDLinear(nn.Module):
         self.V = nn.Parameter(torch.empty(in_features, rank, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.register_buffer("mask", torch.ones(rank, dtype=torch.bool, device=device))
+        self.register_buffer("input_scale", None)  # set by from_linear(input_scale=); None: the plain SVD
         # Which regularizer terms forward() records, set by SVDTrainer; see `record_regularizers`.
         self.orth_enabled = False
         self.orth_probes = 0  # > 0: randomized orthogonality estimate (see `orthogonality_loss`)
@@ -83,8 +88,9 @@ class SVDLinear(nn.Module):
             energy (`float`, *optional*): Keep the fewest singular values holding this fraction of sum(s^2).
             max_rank (`int`, *optional*): Keep at most this many singular values.
             input_scale (`torch.Tensor`, *optional*): Per-input-channel scales `a` (`activation_scales`): factor at
-                full rank in the basis of ASVD, `W diag(a) = U S V'^T`, `V = diag(a)^-1 V'` with unit columns (their
-                norms move into `s`); `V` is then not orthonormal. Not combined with `energy` or `max_rank`.
+                full rank in the basis of ASVD, `W diag(a) = U diag(s) V^T`, and keep `a` as the buffer
+                `input_scale` (the layer computes `x diag(a)^-1 V diag(s) U^T`). `s` is then ASVD's spectrum, which
+                pruning ranks by. Not combined with `energy` or `max_rank`.
 
         Returns:
             `SVDLinear` on the weight's device and dtype, computing the same function (up to float error) when
@@ -97,7 +103,7 @@ class SVDLinear(nn.Module):
         if input_scale is not None:
             if energy is not None or max_rank is not None:
                 raise ValueError("input_scale factors at full rank: drop energy / max_rank (prune after training).")
-            U, s, V = _scaled_svd(weight, input_scale)
+            U, s, V, input_scale = _scaled_svd(weight, input_scale)
         else:
             U, s, V = _svd(weight, keep if energy is None else full)
         if energy is not None:
@@ -109,17 +115,23 @@ class SVDLinear(nn.Module):
             layer.V.copy_(V[:, :keep])
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
+        if input_scale is not None:
+            layer.input_scale = input_scale.to(weight.dtype)
         return layer
 
+    def weight_V(self) -> torch.Tensor:
+        """`V` in the dense weight's input basis: `diag(input_scale)^-1 V` for a data-aware layer, else `V`."""
+        scale = getattr(self, "input_scale", None)  # subclasses with their own factors (Householder, STTP) have none
+        return self.V if scale is None else self.V / scale[:, None]
+
     def live_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(U, s, V)` restricted to the live singular values, sorted by decreasing |s|."""
-        idx = torch.nonzero(self.mask).flatten()
-        idx = idx[torch.argsort(self.s.detach()[idx].abs(), descending=True)]
-        return self.U[:, idx], self.s[idx], self.V[:, idx]
+        """`(U, s, V)` of the dense weight (`weight_V`) restricted to the live singular values, by decreasing |s|."""
+        idx = self._live_index()
+        return self.U[:, idx], self.s[idx], self.weight_V()[:, idx]
 
     def composed_weight(self) -> torch.Tensor:
         """The dense weight `U diag(s * mask) V^T` (out x in)."""
-        return (self.U * self._live_s()) @ self.V.T
+        return (self.U * self._live_s()) @ self.weight_V().T
 
     def to_linear(self) -> nn.Linear:
         """Merge back into a dense `nn.Linear` computing the same function."""
@@ -135,7 +147,8 @@ class SVDLinear(nn.Module):
     @torch.no_grad()
     def truncate_(self) -> SVDLinear:
         """Drop the masked singular triplets for good (new, smaller parameters); returns self."""
-        U, s, V = (t.detach().clone() for t in self.live_factors())
+        idx = self._live_index()  # the stored factors: a data-aware layer keeps its input_scale
+        U, s, V = self.U[:, idx].clone(), self.s[idx].clone(), self.V[:, idx].clone()
         self.U, self.s, self.V = nn.Parameter(U), nn.Parameter(s), nn.Parameter(V)
         self.mask = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
         return self
@@ -147,11 +160,11 @@ class SVDLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled() and (self.orth_enabled or self.sparsity_kind):
             self.record_regularizers()
-        s = self._live_s()
+        s, V = self._live_s(), self.weight_V()
         if self.use_composed(x.numel() // self.in_features):
-            return F.linear(x, (self.U * s) @ self.V.T, self.bias)
-        # Folding s into V costs n*r multiplies instead of T*r for scaling the activations.
-        return F.linear(F.linear(x, (self.V * s).T), self.U, self.bias)
+            return F.linear(x, (self.U * s) @ V.T, self.bias)
+        # Folding s (and input_scale) into V costs n*r multiplies instead of T*r (T*n) for scaling activations.
+        return F.linear(F.linear(x, (V * s).T), self.U, self.bias)
 
     def record_regularizers(self) -> None:
         """Compute this layer's regularizer terms inside forward, where sharded parameters are whole.
@@ -163,6 +176,11 @@ class SVDLinear(nn.Module):
         orth = orthogonality_loss(self.U, self.V, self.mask, self.orth_probes) if self.orth_enabled else zero
         sparsity = sparsity_loss(self.s, self.sparsity_kind, self.mask) if self.sparsity_kind else zero
         self.regularizer_terms.append((orth, sparsity))
+
+    def _live_index(self) -> torch.Tensor:
+        """Indices of the live singular values, by decreasing |s|."""
+        idx = torch.nonzero(self.mask).flatten()
+        return idx[torch.argsort(self.s.detach()[idx].abs(), descending=True)]
 
     def _live_s(self) -> torch.Tensor:
         return self.s * self.mask.to(self.s.dtype)
@@ -203,19 +221,18 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     return max(1, min(k, nonzero))
 
 
-def _scaled_svd(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`W = U diag(s) V^T` with `U, s, V'` the SVD of `W diag(a)`, `V = diag(a)^-1 V'` scaled to unit columns.
+def _scaled_svd(
+    weight: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(U, s, V, a)` with `W diag(a) = U diag(s) V^T`, the SVD in float64 (the layer divides by `a` later).
 
-    In float64: dividing by small scales amplifies rounding. A channel that was never active (scale 0) gets the
-    smallest useful scale instead of a division by zero.
+    A channel that was never active (scale 0) gets the smallest useful scale instead of a division by zero.
     """
     w = weight.detach().double()
     a = scale.detach().to(w.device, torch.float64)
     a = a.clamp_min(float(a.max()) * 1e-6)
     U, s, Vh = torch.linalg.svd(w * a, full_matrices=False)
-    V = Vh.T / a[:, None]
-    norms = V.norm(dim=0).clamp_min(1e-12)
-    return U, s * norms, V / norms
+    return U, s, Vh.T, a
 
 
 def _svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

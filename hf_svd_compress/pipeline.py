@@ -53,7 +53,7 @@ class PipelineArguments:
         default=False,
         metadata={
             "help": "Start SVD training from data-aware factors (ASVD's basis, from the inputs of "
-            "calibration_batches training batches) instead of the plain SVD. Needs --orth_weight 0."
+            "calibration_batches training batches) instead of the plain SVD."
         },
     )
     calibration_batches: int = field(
@@ -160,22 +160,12 @@ def check_gradual(pipeline_args: PipelineArguments, args: SVDTrainingArguments, 
         )
 
 
-def check_data_aware(pipeline_args: PipelineArguments, config: SVDConfig) -> None:
-    """`--data_aware_init` factors with a `V` that is not orthonormal: refuse an orthogonality term up front."""
-    if pipeline_args.data_aware_init and config.orth_weight != 0:
-        raise ValueError(
-            f"--data_aware_init with orth_weight {config.orth_weight:g}: the data-aware factors' V is not "
-            "orthonormal, so the orthogonality loss would pull it away from them. Add --orth_weight 0."
-        )
-
-
 def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> dict:
     """Run every stage and export; returns (and writes next to the export) a summary of what happened."""
     check_unsharded(args)
     export_dir = check_export_dir(pipeline_args, args)
     config = pipeline_args.svd_config(args)
     check_gradual(pipeline_args, args, config)
-    check_data_aware(pipeline_args, config)
     model, summary = setup.model, {"accuracy": {}, "base_model": setup.base_model, "task": setup.task}
     start = time.perf_counter()
 

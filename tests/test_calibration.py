@@ -9,9 +9,19 @@ import torch
 from conftest import forward, make_bert, make_vit, relative_error, vit_inputs
 from torch import nn
 
-from hf_svd_compress import SVDConfig, SVDLinear, activation_scales, prune_, svd_factorize_, svd_layers
+from hf_svd_compress import (
+    SVDConfig,
+    SVDLinear,
+    activation_scales,
+    load_compressed,
+    prune_,
+    save_compressed,
+    svd_factorize_,
+    svd_layers,
+    truncate_,
+)
 
-AWARE = SVDConfig(orth_weight=0.0)
+AWARE = SVDConfig()  # the orthogonality term on: U and V are orthonormal
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -64,40 +74,67 @@ def test_data_aware_factors_compute_the_dense_function_in_a_new_basis():
     plain = svd_factorize_(make_bert(), AWARE)
     with torch.no_grad():
         assert relative_error(forward(aware, inputs), reference) < 1e-5
+    dense_modules = dict(make_bert().named_modules())
     for name, layer in svd_layers(aware).items():
         assert isinstance(layer, SVDLinear) and layer.rank == layer.full_rank
         eye = torch.eye(layer.full_rank)
-        assert torch.allclose(layer.U.T @ layer.U, eye, atol=1e-5)  # U stays orthonormal
-        assert torch.allclose(layer.V.norm(dim=0), torch.ones(layer.full_rank), atol=1e-5)  # unit columns
-        assert not torch.allclose(layer.V.T @ layer.V, eye, atol=1e-2), name  # ... but not orthonormal
-        assert not torch.allclose(layer.s.sort().values, svd_layers(plain)[name].s.sort().values, rtol=1e-3)
+        assert torch.allclose(layer.U.T @ layer.U, eye, atol=1e-5)  # both factors orthonormal
+        assert torch.allclose(layer.V.T @ layer.V, eye, atol=1e-5)
+        assert torch.equal(layer.input_scale, scales[name])  # kept as the fixed buffer
+        # s is the spectrum of W diag(a), not W's
+        expected = torch.linalg.svdvals(dense_modules[name].weight.double() * scales[name].double())
+        assert torch.allclose(layer.s.double(), expected, rtol=1e-5), name
+        assert not torch.allclose(layer.s, svd_layers(plain)[name].s, rtol=1e-3)
+        with torch.no_grad():  # the dense weight's factors, as export reads them
+            U, s, V = layer.live_factors()
+            assert relative_error((U * s) @ V.T, dense_modules[name].weight) < 1e-5
 
 
-def test_data_aware_start_is_the_one_the_quality_benchmark_measured(monkeypatch):
-    """The library's start equals the one the cached S stages of the quality benchmark were trained from (its ASVD
-    baseline's factors with unit columns, `quality_lib.asvd`): same masks after pruning, same weights."""
+def test_data_aware_layers_prune_and_truncate_as_asvd_does(monkeypatch):
+    """Pruning ranks ASVD's spectrum: the same masks as the quality benchmark's ASVD baseline (`quality_lib.asvd`)
+    at a budget, the same weights; truncation keeps `input_scale` and the function."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    from quality_lib.asvd import asvd_factorize_, normalize_columns_
+    from quality_lib.asvd import asvd_factorize_
 
     examples = text_examples()
     raw = activation_scales(make_bert(), examples, AWARE, batch_size=3, alpha=1.0)  # mean |x|, as the benchmark's
     library = svd_factorize_(make_bert(), AWARE, input_scales={n: a.pow(0.5) for n, a in raw.items()})
-    benchmark = normalize_columns_(asvd_factorize_(make_bert(), AWARE, raw, alpha=0.5))
+    baseline = asvd_factorize_(make_bert(), AWARE, raw, alpha=0.5)
     prune_(library, budget=0.5)
-    prune_(benchmark, budget=0.5)
+    prune_(baseline, budget=0.5)
+    inputs = {"input_ids": torch.stack([e["input_ids"] for e in examples])}
+    with torch.no_grad():
+        pruned = forward(library, inputs)
     for name, layer in svd_layers(library).items():
-        other = svd_layers(benchmark)[name]
+        other = svd_layers(baseline)[name]
         assert torch.equal(layer.mask, other.mask), name
         with torch.no_grad():
             assert relative_error(layer.composed_weight(), other.composed_weight()) < 1e-5, name
+    truncate_(library)
+    for layer in svd_layers(library).values():
+        assert layer.full_rank == layer.rank and layer.input_scale.shape == (layer.in_features,)
+    with torch.no_grad():
+        assert relative_error(forward(library, inputs), pruned) < 1e-6
+
+
+def test_data_aware_layers_save_and_reload_through_the_hub_format(tmp_path):
+    examples = text_examples()
+    model = svd_factorize_(make_bert(), AWARE, input_scales=activation_scales(make_bert(), examples, AWARE))
+    prune_(model, budget=0.5)
+    inputs = {"input_ids": torch.stack([e["input_ids"] for e in examples])}
+    model.eval()
+    with torch.no_grad():
+        expected = forward(model, inputs)
+    save_compressed(model, tmp_path / "export")
+    with torch.no_grad():
+        assert relative_error(forward(load_compressed(tmp_path / "export"), inputs), expected) < 1e-5
 
 
 def test_refusals_name_the_fix_and_leave_the_model_unchanged():
     scales = activation_scales(make_bert(), text_examples(), AWARE)
     cases = [
-        (SVDConfig(), scales, "orth_weight=0.0"),
-        (SVDConfig(orth_weight=0.0, parameterization="householder"), scales, 'parameterization="svd"'),
-        (SVDConfig(orth_weight=0.0, init_energy=0.9), scales, "init_energy"),
+        (SVDConfig(parameterization="householder"), scales, 'parameterization="svd"'),
+        (SVDConfig(init_energy=0.9), scales, "init_energy"),
         (AWARE, dict(list(scales.items())[1:]), "no scales for"),
         (AWARE, {**scales, "bert.encoder.layer.0.output.dense": torch.ones(5)}, "expected 64 finite"),
         (AWARE, {**scales, "bert.encoder.layer.0.output.dense": torch.full((64,), float("nan"))}, "finite"),
@@ -108,7 +145,7 @@ def test_refusals_name_the_fix_and_leave_the_model_unchanged():
         with pytest.raises(ValueError, match=message):
             svd_factorize_(model, config, input_scales=given)
         assert not svd_layers(model), message  # nothing swapped
-    conv = SVDConfig(orth_weight=0.0, target_modules=["vit.embeddings.patch_embeddings.projection", "query"])
+    conv = SVDConfig(target_modules=["vit.embeddings.patch_embeddings.projection", "query"])
     with pytest.raises(ValueError, match="linear layers only"):
         activation_scales(make_vit(), [{"pixel_values": vit_inputs(1)["pixel_values"][0]}], conv)
     with pytest.raises(ValueError, match="dataset is empty"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_svd_compress import load_compressed
+from hf_svd_compress import load_compressed, load_factored_checkpoint, svd_layers
 from hf_svd_compress.cli import main
 
 CLI = [sys.executable, "-m", "hf_svd_compress.cli"]
@@ -80,7 +80,7 @@ def test_compress_starts_from_data_aware_factors_and_fine_tunes_at_its_own_rate(
     compressed_run, tiny_text_model, tiny_text_csv, tmp_path
 ):
     args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
-    args += ["--output_dir", str(tmp_path / "o"), "--prune_energy", "0.8", "--data_aware_init", "--orth_weight", "0"]
+    args += ["--output_dir", str(tmp_path / "o"), "--prune_energy", "0.8", "--data_aware_init"]
     result = run([*args, "--calibration_batches", "2", "--finetune_lr_scale", "0.3"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "[hf-svd-compress] 2/5 factoring the target layers (full-rank data-aware SVD)" in result.stdout
@@ -92,11 +92,18 @@ def test_compress_starts_from_data_aware_factors_and_fine_tunes_at_its_own_rate(
     for stage, text in (("svd", "3/5"), ("finetune", "4/5")):
         part = result.stdout.split(f"[hf-svd-compress] {text}")[1].split("[hf-svd-compress] ")[0]
         rates[stage] = [float(r) for r in re.findall(r"'learning_rate': '([0-9.e-]+)'", part)]
+        assert "orth_loss" in part  # U and V are orthonormal in the data-aware basis too: the term stays on
     # Step for step, the fine-tuning schedule is the SVD stage's at 0.3 times the rate.
     assert len(rates["svd"]) == 3 and rates["svd"][1] > 0
     assert rates["finetune"] == pytest.approx([0.3 * r for r in rates["svd"][:2]])
     card = (tmp_path / "o" / "compressed" / "README.md").read_text()
     assert '"data_aware_init": true' in card and '"finetune_lr_scale": 0.3' in card
+    # The factored checkpoint holds each layer's input_scale and re-prunes as it was trained (ASVD's spectrum).
+    factored = load_factored_checkpoint(tmp_path / "o" / "factored")
+    assert all(layer.input_scale is not None for layer in svd_layers(factored).values())
+    result = run(["prune", str(tmp_path / "o" / "factored"), "--budget", "0.6", "--output_dir", str(tmp_path / "p")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "p" / "model.safetensors").is_file()
 
 
 def test_prune_reprunes_the_factored_checkpoint(compressed_run):
@@ -139,7 +146,6 @@ def test_config_file_supplies_options_and_flags_override(tiny_text_model, tiny_t
         (["--prune_budget", "1.0"], "prune_budget"),
         (["--prune_start_step", "3", "--prune_budget", "0.5"], "--prune_start_step 3: the SVD stage has 3 steps"),
         (["--prune_start_step", "1"], "needs a budget target: add --prune_budget"),
-        (["--data_aware_init"], "Add --orth_weight 0"),
         (["--finetune_lr_scale", "0"], "--finetune_lr_scale 0.0: must be > 0"),
         (["--calibration_batches", "0"], "--calibration_batches 0: must be >= 1"),
     ],

@@ -71,7 +71,7 @@ def tiny_vit_and_images(tmp_path_factory):
 def test_image_recipe_two_processes_from_data_aware_factors(tiny_vit_and_images, tmp_path):
     model_dir, images = tiny_vit_and_images
     args = ["--model_name_or_path", str(model_dir), "--dataset", str(images), "--eval_size", "8"]
-    args += ["--data_aware_init", "--orth_weight", "0", "--calibration_batches", "2"]  # the image transform's inputs
+    args += ["--data_aware_init", "--calibration_batches", "2"]  # the image transform's inputs
     result = launch("image_classification.py", [*args, *STEPS, "--output_dir", str(tmp_path)], tmp_path)
     check_export(tmp_path, result, {"pixel_values": torch.randn(1, 3, 16, 16)})
     assert result.stdout.count("(full-rank data-aware SVD)") == 1  # stage lines are printed by the main process

@@ -53,9 +53,9 @@ class RegConfig:
             multiple of `Settings.learning_rate`. The S stage does not depend on it, so configs that differ only
             here share their regularized model.
         init (`str`, defaults to `"svd"`): The factors the S stage starts from: `"svd"` (the dense weight's SVD,
-            as `svd_factorize_`) or `"asvd"` (the data-aware factors of the ASVD baseline, `W diag(a) = U S V'^T`,
-            `V = diag(a)^-1 V'` with unit columns, `svd_factorize_(..., input_scales=)`), whose leading directions
-            are those the layer's inputs excite. `V` is then not orthonormal: use `orth_weight` 0.
+            as `svd_factorize_`) or `"asvd"` (the data-aware start of `svd_factorize_(..., input_scales=)`: the SVD
+            of ASVD's `W diag(a)`, `a` kept fixed in the layer), whose leading directions are those the layer's
+            inputs excite and whose `s` is ASVD's spectrum.
     """
 
     orth_weight: float = 0.1
@@ -71,8 +71,6 @@ class RegConfig:
     def __post_init__(self) -> None:
         if self.init not in ("svd", "asvd"):
             raise ValueError(f"init {self.init!r}: use 'svd' or 'asvd'.")
-        if self.init == "asvd" and self.orth_weight:
-            raise ValueError("init 'asvd' starts from factors whose V is not orthonormal: use orth_weight 0.")
 
     def record(self) -> dict[str, Any]:
         """The fields as stored in result files; `ft_lr_scale` and `init` only when set, so that the results stored
@@ -270,11 +268,13 @@ DEFAULT_SWEEP = (
     "0.1:1e-2:1000:hoyer:0::0.3",
     "0.1:1e-2:100:hoyer:0::0.3",
     "0.1:1e-2:1000:hoyer:0:gradual:0.3",
-    # Data-aware init: ours' S stage on the ASVD factors (row 5f; orthogonality off, V is not orthonormal there).
-    "0:1e-2:100:hoyer:0::0.3:asvd",
-    "0:1e-2:1000:hoyer:0::0.3:asvd",
-    "0:1e-2:100:hoyer:0:gradual:0.3:asvd",
-    "0:1e-2:1000:hoyer:0:gradual:0.3:asvd",
+    # Data-aware init: ours' S stage in the basis of ASVD's factors, s = ASVD's spectrum (row 5f).
+    "0.1:1e-2:100:hoyer:0::0.3:asvd",
+    "0.1:1e-2:100:hoyer:0:::asvd",
+    "0.1:1e-2:100:hoyer:0::0.1:asvd",
+    "0.1:1e-2:1000:hoyer:0::0.3:asvd",
+    "0.1:1e-2:100:hoyer:0:gradual:0.3:asvd",
+    "0.1:1e-2:1000:hoyer:0:gradual:0.3:asvd",
 )
 
 

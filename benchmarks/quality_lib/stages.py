@@ -232,7 +232,9 @@ class Bench:
         reg = effective_config(config, parameterization)
         if parameterization == "svd":
             found = self.fingerprint("ours", seed, config=reg)
-            return {**found, **self.asvd_fingerprint()} if reg.init == "asvd" else found
+            # "start": the data-aware layers keep `a` as a buffer (s = ASVD's spectrum); the results of the former
+            # start (`V = diag(a)^-1 V'` with unit columns, no buffer) do not count.
+            return {**found, **self.asvd_fingerprint(), "start": "input_scale"} if reg.init == "asvd" else found
         factor = _svd_config(reg, parameterization)
         extra = {"approx_weight": factor.approx_weight} if parameterization == "cur" else {}
         return self.fingerprint("ours", seed, config=reg, parameterization=parameterization, **extra)
@@ -273,7 +275,8 @@ class Bench:
 
     def factorize_for_s_stage(self, config: RegConfig, parameterization: str = "svd") -> torch.nn.Module:
         """A copy of the dense model factored at full rank as `config.init` says: the SVD, or the library's
-        data-aware start from ASVD's calibration statistics (`svd_factorize_(..., input_scales=)`)."""
+        data-aware start from ASVD's calibration statistics (`svd_factorize_(..., input_scales=)`; the layers then
+        hold `a` as their `input_scale` buffer, which the saved regularized model includes)."""
         scales = None
         if config.init == "asvd" and parameterization == "svd":
             scales = {n: a.pow(self.settings.asvd_alpha) for n, a in self.asvd_scales().items()}
@@ -301,8 +304,7 @@ class Bench:
 
     def load_regularized(self, config: RegConfig, seed: int, parameterization: str = "svd") -> torch.nn.Module:
         """The saved regularized model: the dense model factored at full rank, then its trained state loaded."""
-        reg = effective_config(config, parameterization)
-        model = svd_factorize_(self.fresh_dense(), _svd_config(reg, parameterization))
+        model = self.factorize_for_s_stage(effective_config(config, parameterization), parameterization)
         path = self.regularized_dir(config, seed, parameterization) / REGULARIZED_FILE
         model.load_state_dict(load_file(path, device=str(self.setup().model.device)), strict=True)
         return model
