@@ -101,7 +101,10 @@ def test_compress_starts_from_data_aware_factors_and_fine_tunes_at_its_own_rate(
     # The factored checkpoint holds each layer's input_scale and re-prunes as it was trained (ASVD's spectrum).
     factored = load_factored_checkpoint(tmp_path / "o" / "factored")
     assert all(layer.input_scale is not None for layer in svd_layers(factored).values())
-    result = run(["prune", str(tmp_path / "o" / "factored"), "--budget", "0.6", "--output_dir", str(tmp_path / "p")], cwd=tmp_path)
+    result = run(
+        ["prune", str(tmp_path / "o" / "factored"), "--budget", "0.6", "--output_dir", str(tmp_path / "p")],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "p" / "model.safetensors").is_file()
 
