@@ -327,29 +327,40 @@ def summary(
     }
 
 
-def sweep_table(results: list[dict[str, Any]], best: RegConfig | None, budget: float, seed: int) -> list[str]:
-    """One row per regularizer config of the sweep at `budget` (single training seed `seed`)."""
+def sweep_table(
+    results: list[dict[str, Any]],
+    best: RegConfig | None,
+    budget: float,
+    seed: int,
+    finalists: dict[RegConfig, dict[str, float]] | None = None,
+    seeds: int = 1,
+) -> list[str]:
+    """One row per regularizer config of the sweep at `budget`: the screen (training seed `seed`) and, for the
+    finalists, the mean validation accuracy over all `seeds` seeds that chose ours' config."""
     if not results:
         return []
+    finalists = finalists or {}
     lines = [
-        f"### Sweep of the regularizer weights (ours at {budget:.0%}, training seed {seed} only; chosen on validation "
-        "accuracy, then loss; the chosen config is then run at every seed)",
+        f"### Sweep of the regularizer weights (ours at {budget:.0%}; screen: training seed {seed}, ranked on "
+        f"validation accuracy, then loss; the {len(finalists)} best (finalists) run at all {seeds} seeds, and the "
+        "best mean validation accuracy among them is chosen)",
         "",
         "| init | orth_weight | sparsity_weight | s lr x | distillation | pruning | F lr x | val acc | val loss | "
-        "test acc | pruned test acc | energy kept | S-stage s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"test acc | pruned test acc | energy kept | S-stage s | finalist: mean val acc ({seeds} seeds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (-r["val"]["accuracy"], r["val"]["loss"])):
         c: RegConfig = r["config"]
         mark = " **(chosen)**" if c == best else ""
         pruned = r["pruned"]["test"]["accuracy"] if r.get("pruned") else float("nan")
+        final = f"{finalists[c]['accuracy']:.4f}{mark}" if c in finalists else ""
         lines.append(
             f"| {c.init} | {c.orth_weight:g} | {c.sparsity} {c.sparsity_weight:g} | {c.s_lr_scale:g} | "
             f"{c.distill_alpha:g} | "
-            f"{'gradual' if c.gradual else 'after S'} | {c.ft_lr_scale:g} | {r['val']['accuracy']:.4f}{mark} | "
-            f"{r['val']['loss']:.4f} | "
+            f"{'gradual' if c.gradual else 'after S'} | {c.ft_lr_scale:g} | {r['val']['accuracy']:.4f}"
+            f"{'' if final else mark} | {r['val']['loss']:.4f} | "
             f"{r['test']['accuracy']:.4f} | {pruned:.4f} | {r['energy_kept']:.3f} | "
-            f"{r['regularized']['train']['wall_s']:.0f} |"
+            f"{r['regularized']['train']['wall_s']:.0f} | {final} |"
         )
     return [*lines, ""]
 

@@ -174,6 +174,9 @@ class Settings:
     calib_batches: int = 64
     asvd_alpha: float = 0.5
     sweep_budget: float = 0.5
+    # The sweep screens every config at `seed`; this many of the best are then run at every seed (at the sweep
+    # budget, validation and test), and the one with the best mean validation accuracy becomes ours' config.
+    finalists: int = 3
     max_examples: int | None = None
     test_fraction: float = 0.25
     image_size: int = 112

@@ -369,11 +369,41 @@ class Bench:
         return result
 
     def run_sweep(self) -> RegConfig:
-        """Ours at the sweep budget for every config of the sweep (validation and test), trained with
-        `settings.seed` only (one seed bounds the compute); returns the best."""
+        """Ours at the sweep budget for every config of the sweep (validation and test) trained with
+        `settings.seed` (the screen; one seed bounds the compute), then the `settings.finalists` best of them at
+        every seed; returns the best (`best_config`)."""
+        budget = self.settings.sweep_budget
         for config in self.settings.sweep:
-            self.run_ours(config, self.settings.sweep_budget, self.settings.seed, ("val", "test"))
+            self.run_ours(config, budget, self.settings.seed, ("val", "test"))
+        for config in self.finalists():
+            for seed in self.settings.seeds:
+                self.run_ours(config, budget, seed, ("val", "test"))
         return self.best_config()
+
+    def finalists(self) -> list[RegConfig]:
+        """The `settings.finalists` best configs of the screen (validation accuracy at `settings.seed`, then loss)."""
+        ranked = sorted(self.sweep_results(), key=lambda r: (-r["val"]["accuracy"], r["val"]["loss"]))
+        return [r["config"] for r in ranked[: self.settings.finalists]]
+
+    def finalist_scores(self) -> dict[RegConfig, dict[str, float]]:
+        """Mean validation accuracy and loss over every seed of each finalist whose seeds have all been run."""
+        scores, budget = {}, self.settings.sweep_budget
+        for config in self.finalists():
+            found = [self._stored_ours(config, budget, seed) for seed in self.settings.seeds]
+            if all(r is not None and "val" in r for r in found):
+                scores[config] = {k: sum(r["val"][k] for r in found) / len(found) for k in ("accuracy", "loss")}
+        return scores
+
+    def _stored_ours(self, config: RegConfig, budget: float, seed: int) -> dict[str, Any] | None:
+        """The stored fine-tuned result of ours with `config` at `budget` and `seed`, or None."""
+        stage = config.for_budget(budget)
+        regularized = self.cache.load(
+            self.regularized_name(stage, seed), self.regularized_fingerprint(stage, seed), ignore_force=True
+        )
+        if regularized is None:
+            return None
+        fingerprint = self.ours_fingerprint(config, budget, seed, regularized)
+        return self.cache.load(self.name("ours", budget, config, seed), fingerprint, ignore_force=True)
 
     def sweep_results(self) -> list[dict[str, Any]]:
         """The stored sweep results (ours at the sweep budget, with a validation score, seed `settings.seed`)."""
@@ -395,20 +425,25 @@ class Bench:
         return results
 
     def best_config(self, gradual: bool | None = None, init: str | None = None) -> RegConfig | None:
-        """The sweep config with the best validation accuracy (ties: lower validation loss); None without a sweep.
+        """The best sweep config; None without a sweep.
 
-        `gradual` True / False: the best among the configs that prune gradually / at once after S; `init`: the best
-        among those that start from these factors (`RegConfig.init`).
+        Among the finalists whose seeds have all been run: the best mean validation accuracy over the seeds (ties:
+        lower mean validation loss). Otherwise (no finalist of the kind asked for): the best of the screen at
+        `settings.seed`, by the same rule. `gradual` True / False: only configs that prune gradually / at once after
+        S; `init`: only those that start from these factors (`RegConfig.init`).
         """
-        results = [
-            r
+        configs = [
+            r["config"]
             for r in self.sweep_results()
             if (gradual is None or r["config"].gradual == gradual) and (init is None or r["config"].init == init)
         ]
-        if not results:
+        if not configs:
             return None
-        best = max(results, key=lambda r: (r["val"]["accuracy"], -r["val"]["loss"]))
-        return best["config"]
+        scores = self.finalist_scores()
+        if not any(c in scores for c in configs):
+            scores = {r["config"]: r["val"] for r in self.sweep_results()}
+        ranked = [c for c in configs if c in scores]
+        return max(ranked, key=lambda c: (scores[c]["accuracy"], -scores[c]["loss"]))
 
     def run_ours_all(self, config: RegConfig) -> None:
         """Ours at every seed and budget with `config` (the sweep's result is reused for its seed and budget)."""
