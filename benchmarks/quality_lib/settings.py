@@ -278,6 +278,11 @@ DEFAULT_SWEEP = (
     "0.1:1e-2:1000:hoyer:0::0.3:asvd",
     "0.1:1e-2:100:hoyer:0:gradual:0.3:asvd",
     "0.1:1e-2:1000:hoyer:0:gradual:0.3:asvd",
+    # Less drift in the S stage (s lr x10, or no sparsity term: a gradual cut of ASVD's spectrum while training), and
+    # the F stage at the full rate after a gradual cut.
+    "0.1:0:1:hoyer:0:gradual:0.3:asvd",
+    "0.1:1e-2:10:hoyer:0:gradual:0.3:asvd",
+    "0.1:1e-2:100:hoyer:0:gradual:1:asvd",
 )
 
 
