@@ -52,8 +52,8 @@ config by validation accuracy; the table reports the test split.
 
 Settings (`quality_lib.settings.preset`): max_length 64, batch 16, dense 150 steps at lr 1e-4, then S = 50 and
 F = 30 (S + F = 80) at lr 1e-4. On the 2-core CPU machine with `--threads 1`: `--stage dense baselines` about 40 min
-and `--stage sweep ours` about 35 min each for the sweep (17 configs), row 5 and row 5e, two stages running at once
-(five seeds; one thread was 6x faster per step than two on a busy machine).
+and `--stage sweep ours` about 40 min for the screen (22 configs), 25 min for the finalists and 25 min for row 5, two
+processes at once (five seeds; one thread was 6x faster per step than two on a busy machine).
 
 What the sweep and the seeds showed (MiniLM / BBC News; docs/benchmarks.md has the numbers):
 
@@ -63,7 +63,9 @@ What the sweep and the seeds showed (MiniLM / BBC News; docs/benchmarks.md has t
   but the regularized model itself drifts: 94.0% test at full rank against 96.6% dense, mean of five seeds.
 - Neither distillation nor gradual pruning closed that gap. Two things did help: a lower learning rate in the F stage
   (30 steps at the full rate from an already trained, pruned model undo part of what S did) and the data-aware
-  start, whose S stage at 100x keeps the full-rank model near dense (95.6% against 94.0%). Neither meets the goals.
+  start in ASVD's basis (`s` = ASVD's spectrum, `U`, `V` orthonormal), whose pruned model is as good as the
+  baselines after fine-tuning. Ours then ties ASVD + fine-tuning (the goals are not met), and without the sparsity
+  term (a gradual cut while training) it scores the same.
 """
 
 from __future__ import annotations
