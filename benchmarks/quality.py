@@ -168,10 +168,13 @@ def explicit_config(cli: argparse.Namespace, settings: Settings) -> RegConfig | 
     return dataclasses.replace(settings.default_config, **given) if given else None
 
 
-def choose_config(bench: Bench, explicit: RegConfig | None) -> tuple[RegConfig, str]:
-    """Ours' config and how it was chosen: given on the command line, best of the sweep, or the preset default."""
+def choose_config(
+    bench: Bench, explicit: RegConfig | None, given_by: str = "given on the command line"
+) -> tuple[RegConfig, str]:
+    """Ours' config and how it was chosen: `explicit` (`given_by` says where from), best of the sweep, or the preset
+    default."""
     if explicit is not None:
-        return explicit, "given on the command line"
+        return explicit, given_by
     best = bench.best_config()
     if best is not None:
         seeds = len(bench.settings.seeds) if best in bench.finalist_scores() else 1
@@ -226,7 +229,13 @@ def extra_rows(bench: Bench) -> dict[str, RegConfig | None]:
     return {"ours_gradual": bench.best_config(gradual=True), "ours_asvd": bench.best_config(init="asvd")}
 
 
-def run(bench: Bench, stages: list[str], explicit: RegConfig | None, out_dir: Path) -> None:
+def run(
+    bench: Bench,
+    stages: list[str],
+    explicit: RegConfig | None,
+    out_dir: Path,
+    given_by: str = "given on the command line",
+) -> None:
     """Run `stages` of one task, in pipeline order ("all": dense, baselines, sweep, ours, table)."""
     stages = set(stages)
     if stages & {"dense", "all"}:
@@ -235,7 +244,7 @@ def run(bench: Bench, stages: list[str], explicit: RegConfig | None, out_dir: Pa
         bench.run_baselines()
     if stages & {"sweep", "all"} and bench.settings.sweep:
         bench.run_sweep()
-    config, chosen_by = choose_config(bench, explicit)
+    config, chosen_by = choose_config(bench, explicit, given_by)
     if stages & {"ours", "all"}:
         log(f"ours: {config.label} ({chosen_by})")
         bench.run_ours_all(config)
@@ -279,9 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         minilm = Bench(
             build_settings(parse_args(["--sweep", *cli.sweep] if cli.sweep else []), "minilm"), cli.cache_dir
         )
-        explicit = explicit_config(cli, settings) or minilm.best_config()
+        explicit, given_by = explicit_config(cli, settings), "given on the command line"
+        if explicit is None:
+            explicit, given_by = minilm.best_config(), "chosen by the MiniLM sweep"
         root = cli.cache_dir / "dinov2"
-        run(Bench(settings, root, cli.force, cli.keep_exports), ["all"], explicit, root)
+        run(Bench(settings, root, cli.force, cli.keep_exports), ["all"], explicit, root, given_by)
     else:
         settings = build_settings(cli, "tiny" if cli.tiny else "minilm")
         bench = Bench(settings, cli.cache_dir, cli.force, cli.keep_exports)

@@ -313,3 +313,18 @@ def test_dinov2_stage_runs_on_the_real_checkpoint(tmp_path):
         assert f"| {row} |" in table, row
     results = stored(cache / "dinov2")
     assert 0.4 < results["asvd_ft@50"]["budget_realized"] <= 0.5
+
+
+def test_config_label_says_where_an_explicit_config_came_from(tiny_run, monkeypatch):
+    """The DINOv2 stage passes the MiniLM selection as an explicit config: its table must not say "command line"."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import quality
+    from quality_lib.settings import RegConfig, preset
+    from quality_lib.stages import Bench
+
+    bench = Bench(preset("tiny"), tiny_run[0])
+    given = RegConfig(0.1, 1e-2)
+    assert quality.choose_config(bench, given) == (given, "given on the command line")
+    assert quality.choose_config(bench, given, "chosen by the MiniLM sweep")[1] == "chosen by the MiniLM sweep"
+    chosen, label = quality.choose_config(bench, None)  # the tiny sweep's finalists (one seed)
+    assert chosen in bench.finalists() and label == "best validation accuracy of the sweep at 50%, 1 seed(s)"
