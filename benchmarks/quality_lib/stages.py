@@ -389,35 +389,39 @@ class Bench:
         """Mean validation accuracy and loss over every seed of each finalist whose seeds have all been run."""
         scores, budget = {}, self.settings.sweep_budget
         for config in self.finalists():
-            found = [self._stored_ours(config, budget, seed) for seed in self.settings.seeds]
+            found = []
+            for seed in self.settings.seeds:
+                stored = self.stored_regularized(config, budget, seed)
+                name = self.name("ours", budget, config, seed)
+                found.append(stored and self.cache.load(name, stored[1], ignore_force=True))
             if all(r is not None and "val" in r for r in found):
                 scores[config] = {k: sum(r["val"][k] for r in found) / len(found) for k in ("accuracy", "loss")}
         return scores
 
-    def _stored_ours(self, config: RegConfig, budget: float, seed: int) -> dict[str, Any] | None:
-        """The stored fine-tuned result of ours with `config` at `budget` and `seed`, or None."""
+    def stored_regularized(
+        self, config: RegConfig, budget: float, seed: int, parameterization: str = "svd"
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The stored regularized model behind ours at `budget` and `seed`, and the fingerprint of ours' results
+        pruned from it; None when it is not stored (whatever `--force` says)."""
         stage = config.for_budget(budget)
         regularized = self.cache.load(
-            self.regularized_name(stage, seed), self.regularized_fingerprint(stage, seed), ignore_force=True
+            self.regularized_name(stage, seed, parameterization),
+            self.regularized_fingerprint(stage, seed, parameterization),
+            ignore_force=True,
         )
         if regularized is None:
             return None
-        fingerprint = self.ours_fingerprint(config, budget, seed, regularized)
-        return self.cache.load(self.name("ours", budget, config, seed), fingerprint, ignore_force=True)
+        return regularized, self.ours_fingerprint(config, budget, seed, regularized, parameterization)
 
     def sweep_results(self) -> list[dict[str, Any]]:
         """The stored sweep results (ours at the sweep budget, with a validation score, seed `settings.seed`)."""
-        results = []
+        results, budget = [], self.settings.sweep_budget
         for config in self.settings.sweep:
-            stage = config.for_budget(self.settings.sweep_budget)
-            name = result_name("regularized", None, stage)
-            regularized = self.cache.load(
-                name, self.regularized_fingerprint(stage, self.settings.seed), ignore_force=True
-            )
-            if regularized is None:
+            stored = self.stored_regularized(config, budget, self.settings.seed)
+            if stored is None:
                 continue
-            fingerprint = self.ours_fingerprint(config, self.settings.sweep_budget, self.settings.seed, regularized)
-            name = result_name("ours", self.settings.sweep_budget, config)
+            regularized, fingerprint = stored
+            name = result_name("ours", budget, config)
             result = self.cache.load(name, fingerprint, ignore_force=True)
             pruned = self.cache.load(name.replace("ours@", "ours_pruned@"), fingerprint, ignore_force=True)
             if result is not None and "val" in result:
@@ -500,13 +504,10 @@ class Bench:
         budget when pruning gradually)."""
         rows = []
         for budget in self.settings.budgets:
-            stage = config.for_budget(budget)
-            fingerprint = self.regularized_fingerprint(stage, seed, parameterization)
-            name = self.regularized_name(stage, seed, parameterization)
-            regularized = self.cache.load(name, fingerprint, ignore_force=True)
-            if regularized is None:
+            stored = self.stored_regularized(config, budget, seed, parameterization)
+            if stored is None:
                 continue
-            fingerprint = self.ours_fingerprint(config, budget, seed, regularized, parameterization)
+            regularized, fingerprint = stored
             for name in self.ours_names(config, budget, seed, parameterization).values():
                 result = self._load(name, fingerprint, seed)
                 rows.append(None if result is None else {**result, "regularized": regularized})
