@@ -137,8 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sweep",
         nargs="+",
         help="Ours' configs for the sweep: "
-        "orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual[:ft_lr_scale[:init]]]]]], "
-        "e.g. 0.1:1e-2:1000 or 0:1e-2:100:hoyer:0::0.3:asvd.",
+        "orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual[:ft_lr_scale[:init[:prune_end]]]]]]], "
+        "e.g. 0.1:1e-2:1000, 0:1e-2:100:hoyer:0::0.3:asvd or 0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.6.",
     )
     parser.add_argument("--orth_weight", type=float, help="Ours' orth_weight (default: the sweep's best).")
     parser.add_argument("--sparsity_weight", type=float, help="Ours' sparsity_weight (default: the sweep's best).")

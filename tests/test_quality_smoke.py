@@ -254,6 +254,26 @@ def test_reg_config_keys_records_and_refusals(monkeypatch):
         RegConfig.parse("0.1:1e-2:1000:hoyer:0:sometimes")
 
 
+def test_prune_end_moves_the_step_where_gradual_pruning_reaches_the_budget(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from quality_lib.settings import RegConfig, Settings
+    from quality_lib.stages import Bench
+
+    early = RegConfig.parse("0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.6")
+    assert early.prune_end == 0.6 and early.init == "asvd" and early.ft_lr_scale == 1
+    assert early.key == "o0.1_hoyer0.01_slr100_gradual_asvd_end0.6" and early.record()["prune_end"] == 0.6
+    assert early.for_budget(0.5).key == "o0.1_hoyer0.01_slr100_gradual_b50_asvd_end0.6"  # part of the S stage
+    assert "prune_end" not in RegConfig.parse("0.1:1e-2:100:hoyer:0:gradual:1:asvd").record()
+    bench = Bench(Settings(svd_steps=50), tmp_path)
+    assert bench.gradual_pruning(early.for_budget(0.5)) == dict(
+        prune_start_step=10, prune_at_step=30, prune_budget=0.5, prune_rank_multiple=1
+    )
+    assert bench.gradual_pruning(RegConfig(gradual=True, budget=0.5))["prune_at_step"] == 50  # the default: S's end
+    for bad in ("0.1:1e-2:100:hoyer:0::1:asvd:0.6", "0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.1"):
+        with pytest.raises(ValueError, match="prune_end"):
+            RegConfig.parse(bad)
+
+
 def test_parameterizations_stage_adds_one_row_each(tiny_run, parameterizations):
     cache, before, stdout = parameterizations
     assert "5b." not in (tiny_run[0] / "quality_table.md").read_text()  # missing results do not show

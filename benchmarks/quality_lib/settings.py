@@ -29,7 +29,8 @@ METHOD_LABELS = {
 PARAMETERIZATIONS = ("householder", "sttp", "cur")
 
 
-# Gradual pruning (`RegConfig.gradual`) starts at this fraction of the S stage and reaches the budget at its end.
+# Gradual pruning (`RegConfig.gradual`) starts at this fraction of the S stage and reaches the budget at the fraction
+# `RegConfig.prune_end` of it (by default its last step).
 GRADUAL_START = 0.2
 
 
@@ -56,6 +57,8 @@ class RegConfig:
             as `svd_factorize_`) or `"asvd"` (the data-aware start of `svd_factorize_(..., input_scales=)`: the SVD
             of ASVD's `W diag(a)`, `a` kept fixed in the layer), whose leading directions are those the layer's
             inputs excite and whose `s` is ASVD's spectrum.
+        prune_end (`float`, defaults to 1.0): With `gradual`, the fraction of the S stage at which the pruning
+            reaches the budget (`prune_at_step`); below 1 the rest of the S stage trains the pruned model.
     """
 
     orth_weight: float = 0.1
@@ -67,16 +70,22 @@ class RegConfig:
     budget: float | None = None
     ft_lr_scale: float = 1.0
     init: str = "svd"
+    prune_end: float = 1.0
 
     def __post_init__(self) -> None:
         if self.init not in ("svd", "asvd"):
             raise ValueError(f"init {self.init!r}: use 'svd' or 'asvd'.")
+        if not GRADUAL_START < self.prune_end <= 1 or (self.prune_end != 1 and not self.gradual):
+            raise ValueError(
+                f"prune_end {self.prune_end:g}: a fraction of the S stage in ({GRADUAL_START:g}, 1], for gradual "
+                "pruning only (e.g. 0.1:1e-2:100:hoyer:0:gradual:0.3:asvd:0.6)."
+            )
 
     def record(self) -> dict[str, Any]:
-        """The fields as stored in result files; `ft_lr_scale` and `init` only when set, so that the results stored
-        before they existed keep their fingerprints."""
+        """The fields as stored in result files; `ft_lr_scale`, `init` and `prune_end` only when set, so that the
+        results stored before they existed keep their fingerprints."""
         fields = dataclasses.asdict(self)
-        for name, default in (("ft_lr_scale", 1.0), ("init", "svd")):
+        for name, default in (("ft_lr_scale", 1.0), ("init", "svd"), ("prune_end", 1.0)):
             if fields[name] == default:
                 del fields[name]
         return fields
@@ -85,13 +94,14 @@ class RegConfig:
     def key(self) -> str:
         """A file-name-safe identifier, e.g. `o0.1_hoyer0.001_slr1` (`_kd0.5` appended with distillation,
         `_gradual` with gradual pruning, `_b50` for the budget of a gradual S stage, `_ft0.3` for the F stage's
-        learning rate, `_asvd` for the data-aware init)."""
+        learning rate, `_asvd` for the data-aware init, `_end0.6` for `prune_end`)."""
         key = f"o{self.orth_weight:g}_{self.sparsity}{self.sparsity_weight:g}_slr{self.s_lr_scale:g}"
         key += f"_kd{self.distill_alpha:g}" if self.distill_alpha else ""
         key += "_gradual" if self.gradual else ""
         key += f"_b{round(100 * self.budget)}" if self.budget is not None else ""
         key += f"_ft{self.ft_lr_scale:g}" if self.ft_lr_scale != 1 else ""
-        return key + ("_asvd" if self.init == "asvd" else "")
+        key += "_asvd" if self.init == "asvd" else ""
+        return key + (f"_end{self.prune_end:g}" if self.prune_end != 1 else "")
 
     @property
     def label(self) -> str:
@@ -99,6 +109,7 @@ class RegConfig:
         text = f"orth {self.orth_weight:g}, {self.sparsity} {self.sparsity_weight:g}, s lr x{self.s_lr_scale:g}"
         text += f", distillation {self.distill_alpha:g}" if self.distill_alpha else ""
         text += ", gradual pruning" if self.gradual else ""
+        text += f", budget at {self.prune_end:.0%} of S" if self.prune_end != 1 else ""
         text += f", F lr x{self.ft_lr_scale:g}" if self.ft_lr_scale != 1 else ""
         return text + (", ASVD init" if self.init == "asvd" else "")
 
@@ -110,16 +121,17 @@ class RegConfig:
 
     @classmethod
     def parse(cls, spec: str) -> RegConfig:
-        """`"orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual[:ft_lr_scale[:init]]]]]]"`, e.g.
+        """`"orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual[:ft_lr_scale[:init[:prune_end]]]]]]]"`,
+        e.g.
         `"0.1:1e-3"`, `"0.1:1e-2:30"`, `"0.1:1e-2:1000:hoyer:0.5"`, `"0.1:1e-2:1000:hoyer:0.5:gradual"`,
         `"0.1:1e-2:1000:hoyer:0.5::0.3"` (one cut after S, F stage at 0.3 times the learning rate) or
-        `"0:1e-2:100:hoyer:0::0.3:asvd"` (data-aware init)."""
+        `"0:1e-2:100:hoyer:0::0.3:asvd"` (data-aware init) or `"0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.6"` (the
+        budget reached at 60% of the S stage)."""
         parts = spec.split(":")
-        if not 2 <= len(parts) <= 8 or (len(parts) >= 6 and parts[5] not in ("gradual", "")):
+        if not 2 <= len(parts) <= 9 or (len(parts) >= 6 and parts[5] not in ("gradual", "")):
             raise ValueError(
-                f"--sweep entry {spec!r}: use "
-                "orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual[:ft_lr_scale[:init]]]]]] "
-                "(gradual: the word `gradual` or nothing)."
+                f"--sweep entry {spec!r}: use orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual"
+                "[:ft_lr_scale[:init[:prune_end]]]]]]] (gradual: the word `gradual` or nothing)."
             )
         kwargs: dict[str, Any] = {"orth_weight": float(parts[0]), "sparsity_weight": float(parts[1])}
         if len(parts) > 2:
@@ -132,8 +144,10 @@ class RegConfig:
             kwargs["gradual"] = parts[5] == "gradual"
         if len(parts) > 6 and parts[6]:
             kwargs["ft_lr_scale"] = float(parts[6])
-        if len(parts) > 7:
+        if len(parts) > 7 and parts[7]:
             kwargs["init"] = parts[7]
+        if len(parts) > 8:
+            kwargs["prune_end"] = float(parts[8])
         return cls(**kwargs)
 
 
@@ -248,7 +262,7 @@ def preset(task: str) -> Settings:
             ),
         )
     if task == "dinov2":
-        return Settings(task="dinov2", dense_steps=60, calib_batches=16, sweep=())
+        return Settings(task="dinov2", dense_steps=300, calib_batches=16, sweep=())
     raise ValueError(f"Unknown task {task!r}: use minilm, tiny or dinov2.")
 
 

@@ -288,13 +288,15 @@ class Bench:
         return {k: asvd[k] for k in ("calib_batches", "asvd_alpha")}
 
     def gradual_pruning(self, config: RegConfig) -> dict[str, Any] | None:
-        """`SVDTrainingArguments` fields of a gradual S stage: from `GRADUAL_START` of it to its last step, to the
-        budget, with the ranks of `prune_(model, budget=b)` (no rounding) as for every other method."""
+        """`SVDTrainingArguments` fields of a gradual S stage: from `GRADUAL_START` of it to `config.prune_end` of it
+        (by default its last step), to the budget, with the ranks of `prune_(model, budget=b)` (no rounding) as for
+        every other method."""
         if config.budget is None:
             return None
         steps = self.settings.svd_steps
         start = min(steps - 1, round(GRADUAL_START * steps))
-        return dict(prune_start_step=start, prune_at_step=steps, prune_budget=config.budget, prune_rank_multiple=1)
+        end = max(start + 1, min(steps, round(config.prune_end * steps)))
+        return dict(prune_start_step=start, prune_at_step=end, prune_budget=config.budget, prune_rank_multiple=1)
 
     def distillation(self, config: RegConfig) -> dict[str, Any]:
         """`train` keywords for `config`'s distillation: the dense fine-tuned model (untouched) as the teacher."""
