@@ -19,8 +19,10 @@ steps (S + F):
    budget, F fine-tuning steps with the sparsity term off. Two options of the library are swept too: distillation
    from the dense model in both stages (`SVDTrainer(teacher_model=)`, sweep entries `...:<alpha>`) and gradual
    pruning to the budget during the S stage (`prune_start_step`, entries `...:gradual`; the S stage then runs once
-   per budget). Two settings of the benchmark's own are swept as well: the F stage's learning rate (entries
-   `...:<ft_lr_scale>`, a multiple of lr; S stages are shared across it) and a data-aware start (entries
+   per budget; by default the budget is reached at S's last step, entries `...:gradual:...:<prune_end>` reach it at
+   that fraction of S, `prune_at_step`, and train the pruned model for the rest). Two settings of the benchmark's
+   own are swept as well: the F stage's learning rate (entries `...:<ft_lr_scale>`, a multiple of lr; S stages are
+   shared across it) and a data-aware start (entries
    `...:asvd`: the S stage starts from the SVD of method 4's `W diag(a)` instead of the plain SVD, `a` kept fixed
    in each layer, so its leading directions are those the layer's inputs excite and `s` is ASVD's spectrum).
    Selection: the sweep screens every config at 50% with `--seed`; the 3 best by validation accuracy (then loss;
@@ -52,7 +54,7 @@ config by validation accuracy; the table reports the test split.
 
 Settings (`quality_lib.settings.preset`): max_length 64, batch 16, dense 150 steps at lr 1e-4, then S = 50 and
 F = 30 (S + F = 80) at lr 1e-4. On the 2-core CPU machine with `--threads 1`: `--stage dense baselines` about 40 min
-and `--stage sweep ours` about 40 min for the screen (22 configs), 25 min for the finalists and 25 min for row 5, two
+and `--stage sweep ours` about 40 min for the screen (24 configs), 25 min for the finalists and 25 min for row 5, two
 processes at once (five seeds; one thread was 6x faster per step than two on a busy machine).
 
 What the sweep and the seeds showed (MiniLM / BBC News; docs/benchmarks.md has the numbers):

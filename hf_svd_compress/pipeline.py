@@ -145,18 +145,24 @@ def check_unsharded(args: TrainingArguments) -> None:
 
 
 def check_gradual(pipeline_args: PipelineArguments, args: SVDTrainingArguments, config: SVDConfig) -> None:
-    """Refuse, before any training, a gradual-pruning start outside the SVD stage, or without a budget."""
-    start = args.prune_start_step
+    """Refuse, before any training, a gradual-pruning start or a pruning step outside the SVD stage, or gradual
+    pruning without a budget."""
+    start, at, steps = args.prune_start_step, args.prune_at_step, pipeline_args.svd_steps
+    if at is not None and not 1 <= at <= steps:
+        raise ValueError(
+            f"--prune_at_step {at}: in the pipeline it is a step of the SVD stage ({steps} steps, --svd_steps), "
+            f"where pruning reaches its target; use 1 to {steps}, e.g. {max(1, 3 * steps // 5)}."
+        )
     if start is not None and not config.prune_budget:
         raise ValueError(
             f"--prune_start_step {start} prunes gradually, which needs a budget target: add --prune_budget (e.g. "
             "0.5); an energy target would compound over the cuts."
         )
-    if start is not None and not start < pipeline_args.svd_steps:
+    if start is not None and not start < steps:
         raise ValueError(
-            f"--prune_start_step {start}: the SVD stage has {pipeline_args.svd_steps} steps (--svd_steps) and prunes "
-            f"gradually from prune_start_step to its last step; use a start below {pipeline_args.svd_steps}, e.g. "
-            f"{pipeline_args.svd_steps // 5}."
+            f"--prune_start_step {start}: the SVD stage has {steps} steps (--svd_steps) and prunes gradually from "
+            f"prune_start_step to --prune_at_step (default: its last step); use a start below {steps}, e.g. "
+            f"{steps // 5}."
         )
 
 
@@ -192,10 +198,14 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     how = how or {"method": "energy", "energy": config.prune_energy}
     if config.prune_rank_multiple > 1:
         how["rank_multiple"] = config.prune_rank_multiple
-    gradual = args.prune_start_step is not None
-    if gradual:  # the SVD stage itself prunes, from prune_start_step to its last step
+    # The SVD stage itself prunes (gradually from prune_start_step, or once) up to prune_at_step, by default its
+    # last step; after that step it trains the pruned model with the sparsity term off.
+    in_svd_stage = args.prune_start_step is not None or args.prune_at_step is not None
+    if args.prune_start_step is not None:
         how["gradual_from_step"] = args.prune_start_step
-    svd_overrides = _gradual_overrides(args, pipeline_args, config) if gradual else {}
+    if args.prune_at_step is not None:
+        how["at_svd_step"] = args.prune_at_step
+    svd_overrides = _svd_stage_pruning(args, pipeline_args, config) if in_svd_stage else {}
     stage(f"3/5 SVD training with regularizers for {pipeline_args.svd_steps} steps", args)
     _train(SVDTrainer, setup, _stage_args(args, pipeline_args.svd_steps, "svd", **svd_overrides), teacher)
     summary["spectra_trained"] = _spectra(model)
@@ -203,7 +213,7 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     summary["accuracy"]["factored"] = _evaluate(SVDTrainer, setup, eval_args, teacher)
 
     stage(f"4/5 pruning singular values ({how}) and fine-tuning {pipeline_args.finetune_steps} steps", args)
-    if not gradual:  # a second energy cut would prune the already pruned spectra further
+    if not in_svd_stage:  # a second energy cut would prune the already pruned spectra further
         prune_(model, energy=how.get("energy"), budget=how.get("budget"), rank_multiple=config.prune_rank_multiple)
     summary["ranks"] = truncate_(model)
     summary["accuracy"]["pruned"] = _evaluate(SVDTrainer, setup, eval_args, teacher)
@@ -235,12 +245,13 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     return summary
 
 
-def _gradual_overrides(args: SVDTrainingArguments, pipeline_args: PipelineArguments, config: SVDConfig) -> dict:
-    """Stage-3 arguments that prune gradually from `args.prune_start_step` to the SVD stage's last step."""
+def _svd_stage_pruning(args: SVDTrainingArguments, pipeline_args: PipelineArguments, config: SVDConfig) -> dict:
+    """Stage-3 arguments that prune (gradually from `args.prune_start_step`, or once) up to `args.prune_at_step`,
+    by default the SVD stage's last step."""
     return {
         "prune_start_step": args.prune_start_step,
-        "prune_at_step": pipeline_args.svd_steps,
-        "prune_energy": None,
+        "prune_at_step": args.prune_at_step or pipeline_args.svd_steps,
+        "prune_energy": None if config.prune_budget else config.prune_energy,
         "prune_budget": config.prune_budget,
         "prune_rank_multiple": config.prune_rank_multiple,
     }

@@ -67,7 +67,10 @@ class SVDTrainingArguments(TrainingArguments):
     )
     prune_at_step: int | None = field(
         default=None,
-        metadata={"help": "Prune at this optimizer step, then fine-tune with the sparsity regularizer off."},
+        metadata={
+            "help": "Prune at this optimizer step, then fine-tune with the sparsity regularizer off. In the CLI and "
+            "recipes: a step of the SVD stage (default: its last), where pruning reaches its target."
+        },
     )
     prune_start_step: int | None = field(
         default=None,

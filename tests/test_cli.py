@@ -61,16 +61,22 @@ def test_compress_distills_from_the_dense_model(tiny_text_model, tiny_text_csv, 
     assert '"distill_alpha": 0.7' in (tmp_path / "o" / "compressed" / "README.md").read_text()  # model card
 
 
-def test_compress_prunes_gradually_during_the_svd_stage(tiny_text_model, tiny_text_csv, tmp_path):
+@pytest.mark.parametrize("at_step", [None, 3])
+def test_compress_prunes_gradually_during_the_svd_stage(tiny_text_model, tiny_text_csv, tmp_path, at_step):
     args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
     args += ["--output_dir", str(tmp_path / "o"), "--prune_budget", "0.5", "--prune_start_step", "1"]
+    args += [] if at_step is None else ["--prune_at_step", str(at_step)]
     result = run([*args, "--prune_rank_multiple", "1", "--svd_steps", "4"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     svd_stage = result.stdout.split("[hf-svd-compress] 3/5")[1].split("[hf-svd-compress] 4/5")[0]
     fractions = [float(f) for f in re.findall(r"'rank_fraction': '([0-9.e-]+)'", svd_stage)]
-    assert len(fractions) == 4 and fractions[0] == 1.0 and fractions[1] > fractions[2] > fractions[3]
+    assert len(fractions) == 4 and fractions[0] == 1.0 and fractions[1] > fractions[2]
+    # By default the budget is reached at the SVD stage's last step; with --prune_at_step 3 at step 3, and step 4
+    # trains the pruned model.
+    assert fractions[2] > fractions[3] if at_step is None else fractions[2] == fractions[3]
     meta = json.loads((tmp_path / "o" / "compressed" / "config.json").read_text())["svd_compression"]
-    assert meta["rank_selection"] == {"method": "budget", "budget": 0.5, "gradual_from_step": 1}
+    expected = {"method": "budget", "budget": 0.5, "gradual_from_step": 1}
+    assert meta["rank_selection"] == expected if at_step is None else {**expected, "at_svd_step": 3}
     kept = sum(r * sum(meta["shapes"][n]) for n, r in meta["ranks"].items() if n not in meta["dense_modules"])
     kept += sum(meta["shapes"][n][0] * meta["shapes"][n][1] for n in meta["dense_modules"])
     assert kept <= 0.5 * sum(m * n for m, n in meta["shapes"].values())
@@ -149,6 +155,7 @@ def test_config_file_supplies_options_and_flags_override(tiny_text_model, tiny_t
         (["--prune_budget", "1.0"], "prune_budget"),
         (["--prune_start_step", "3", "--prune_budget", "0.5"], "--prune_start_step 3: the SVD stage has 3 steps"),
         (["--prune_start_step", "1"], "needs a budget target: add --prune_budget"),
+        (["--prune_at_step", "4"], "--prune_at_step 4: in the pipeline it is a step of the SVD stage (3 steps"),
         (["--finetune_lr_scale", "0"], "--finetune_lr_scale 0.0: must be > 0"),
         (["--calibration_batches", "0"], "--calibration_batches 0: must be >= 1"),
     ],

@@ -160,7 +160,8 @@ def header(settings: Settings, rows: list[dict[str, Any]], config: RegConfig | N
             f"- Ours: {config.label}, {chosen_by}. `s lr xK`: during the S stage the singular values train at K "
             "times the learning rate (their own AdamW group); F uses one rate for all. `kd a`: distillation from "
             "the dense model with weight a (temperature 2) in S and F. `gradual`: the S stage prunes from "
-            f"{GRADUAL_START:.0%} of its steps to its last one on a cubic schedule (`prune_start_step`)."
+            f"{GRADUAL_START:.0%} of its steps to its last one on a cubic schedule (`prune_start_step`), or to the "
+            "fraction of S that `budget at` says (`prune_at_step`), the rest of S training the pruned model."
         )
     if dense is not None:
         n = dense["test"]["n"]
@@ -357,12 +358,19 @@ def sweep_table(
         lines.append(
             f"| {c.init} | {c.orth_weight:g} | {c.sparsity} {c.sparsity_weight:g} | {c.s_lr_scale:g} | "
             f"{c.distill_alpha:g} | "
-            f"{'gradual' if c.gradual else 'after S'} | {c.ft_lr_scale:g} | {r['val']['accuracy']:.4f}"
+            f"{pruning_label(c)} | {c.ft_lr_scale:g} | {r['val']['accuracy']:.4f}"
             f"{'' if final else mark} | {r['val']['loss']:.4f} | "
             f"{r['test']['accuracy']:.4f} | {pruned:.4f} | {r['energy_kept']:.3f} | "
             f"{r['regularized']['train']['wall_s']:.0f} | {final} |"
         )
     return [*lines, ""]
+
+
+def pruning_label(config: RegConfig) -> str:
+    """How `config` prunes: `after S`, `gradual` (to S's last step) or e.g. `gradual to 60% of S`."""
+    if not config.gradual:
+        return "after S"
+    return "gradual" if config.prune_end == 1 else f"gradual to {config.prune_end:.0%} of S"
 
 
 def compute_summary(rows: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> list[str]:
