@@ -82,6 +82,20 @@ def test_compress_prunes_gradually_during_the_svd_stage(tiny_text_model, tiny_te
     assert kept <= 0.5 * sum(m * n for m, n in meta["shapes"].values())
 
 
+def test_compress_cuts_once_inside_the_svd_stage_at_prune_at_step(tiny_text_model, tiny_text_csv, tmp_path):
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
+    args += ["--output_dir", str(tmp_path / "o"), "--prune_energy", "0.8", "--prune_at_step", "2"]
+    result = run([*args, "--prune_rank_multiple", "1", "--svd_steps", "4"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    svd_stage = result.stdout.split("[hf-svd-compress] 3/5")[1].split("[hf-svd-compress] 4/5")[0]
+    fractions = [float(f) for f in re.findall(r"'rank_fraction': '([0-9.e-]+)'", svd_stage)]
+    assert len(fractions) == 4 and fractions[0] == 1.0 > fractions[1] == fractions[2] == fractions[3]
+    meta = json.loads((tmp_path / "o" / "compressed" / "config.json").read_text())["svd_compression"]
+    assert meta["rank_selection"] == {"method": "energy", "energy": 0.8, "at_svd_step": 2}
+    summary = json.loads((tmp_path / "o" / "compressed" / "compression_summary.json").read_text())
+    assert summary["accuracy"]["pruned"] == summary["accuracy"]["factored"]  # no second cut after the stage
+
+
 def test_compress_starts_from_data_aware_factors_and_fine_tunes_at_its_own_rate(
     compressed_run, tiny_text_model, tiny_text_csv, tmp_path
 ):

@@ -122,8 +122,7 @@ class RegConfig:
     @classmethod
     def parse(cls, spec: str) -> RegConfig:
         """`"orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual[:ft_lr_scale[:init[:prune_end]]]]]]]"`,
-        e.g.
-        `"0.1:1e-3"`, `"0.1:1e-2:30"`, `"0.1:1e-2:1000:hoyer:0.5"`, `"0.1:1e-2:1000:hoyer:0.5:gradual"`,
+        e.g. `"0.1:1e-3"`, `"0.1:1e-2:30"`, `"0.1:1e-2:1000:hoyer:0.5"`, `"0.1:1e-2:1000:hoyer:0.5:gradual"`,
         `"0.1:1e-2:1000:hoyer:0.5::0.3"` (one cut after S, F stage at 0.3 times the learning rate) or
         `"0:1e-2:100:hoyer:0::0.3:asvd"` (data-aware init) or `"0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.6"` (the
         budget reached at 60% of the S stage)."""
