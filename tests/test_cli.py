@@ -94,6 +94,9 @@ def test_compress_cuts_once_inside_the_svd_stage_at_prune_at_step(tiny_text_mode
     assert meta["rank_selection"] == {"method": "energy", "energy": 0.8, "at_svd_step": 2}
     summary = json.loads((tmp_path / "o" / "compressed" / "compression_summary.json").read_text())
     assert summary["accuracy"]["pruned"] == summary["accuracy"]["factored"]  # no second cut after the stage
+    # ... and the exported ranks are those the SVD stage ended with (a second energy cut would lower them).
+    full = sum(min(meta["shapes"][n]) for n in summary["ranks"])
+    assert sum(summary["ranks"].values()) / full == pytest.approx(fractions[3], rel=1e-3)
 
 
 def test_compress_starts_from_data_aware_factors_and_fine_tunes_at_its_own_rate(

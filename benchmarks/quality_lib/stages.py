@@ -438,16 +438,17 @@ class Bench:
         `settings.seed`, by the same rule. `gradual` True / False: only configs that prune gradually / at once after
         S; `init`: only those that start from these factors (`RegConfig.init`).
         """
+        results = self.sweep_results()
         configs = [
             r["config"]
-            for r in self.sweep_results()
+            for r in results
             if (gradual is None or r["config"].gradual == gradual) and (init is None or r["config"].init == init)
         ]
         if not configs:
             return None
         scores = self.finalist_scores()
         if not any(c in scores for c in configs):
-            scores = {r["config"]: r["val"] for r in self.sweep_results()}
+            scores = {r["config"]: r["val"] for r in results}
         ranked = [c for c in configs if c in scores]
         return max(ranked, key=lambda c: (scores[c]["accuracy"], -scores[c]["loss"]))
 
