@@ -9,7 +9,6 @@ term from a dense teacher, which must scale the same way.
 import argparse
 
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from safetensors.torch import save_file
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
@@ -109,11 +108,6 @@ def main() -> None:
     if trainer.is_world_process_zero():
         update = {n: (p.detach() - before[n]).contiguous() for n, p in model.named_parameters()}
         save_file(update, f"{cli.out}/update.safetensors")
-    # Every process reaches this point, then the gloo group is torn down here rather than at interpreter exit, where
-    # a process sometimes aborted after its work was done ("terminate called without an active exception").
-    state = PartialState()
-    state.wait_for_everyone()
-    state.destroy_process_group()
 
 
 if __name__ == "__main__":
