@@ -84,7 +84,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
 
 def compress(argv: Sequence[str]) -> None:
     """The whole pipeline on a text-classification task (the embedded default without arguments)."""
-    from .pipeline import check_export_dir, run_compression
+    from .pipeline import check_export_dir, end_processes, run_compression
     from .tasks import TextTaskArguments, setup_text_classification
 
     try:  # every check on what the user named happens here, before any training
@@ -96,6 +96,7 @@ def compress(argv: Sequence[str]) -> None:
     except (ValueError, OSError, ImportError) as err:
         raise SystemExit(f"error: {err}") from None
     run_compression(setup, pipeline_args, args)
+    end_processes()
 
 
 def prune(argv: Sequence[str]) -> None:

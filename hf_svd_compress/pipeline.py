@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import os
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 
 from .calibration import activation_scales
@@ -126,6 +128,19 @@ def check_export_dir(pipeline_args: PipelineArguments, args: TrainingArguments) 
             "--overwrite_export to replace it."
         )
     return export_dir
+
+
+def end_processes() -> None:
+    """Shut the process group down at the end of a job run with several processes (a no-op in one process).
+
+    Call it last in a script, once no trainer is referenced any more. A gloo group left to interpreter exit, or to
+    the release of a DDP-wrapped model that still holds it, joins its worker threads while holding the GIL, and a
+    worker that needs the GIL to free a finished collective then hangs or aborts the process (SIGABRT, "terminate
+    called without an active exception"; pytorch/pytorch#179291). Destroyed here, after the unreachable trainers
+    are collected, the group is freed while its workers are idle.
+    """
+    gc.collect()  # a Trainer sits in reference cycles: collect it, and its DDP wrapper's hold on the group, first
+    PartialState().destroy_process_group()
 
 
 def check_unsharded(args: TrainingArguments) -> None:

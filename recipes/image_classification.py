@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hf_svd_compress import SVDTrainingArguments
 from hf_svd_compress.cli import parse_with_config
-from hf_svd_compress.pipeline import PipelineArguments, check_export_dir, run_compression
+from hf_svd_compress.pipeline import PipelineArguments, check_export_dir, end_processes, run_compression
 from hf_svd_compress.tasks import DEFAULT_DINOV2_DIR, ImageTaskArguments, setup_image_classification
 
 DEFAULTS = {"remove_unused_columns": False, "output_dir": "outputs/dinov2-fmnist", "report_to": "none"}
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     with training_args.main_process_first(desc="default checkpoint conversion"):
         setup = setup_image_classification(task_args, training_args)
     run_compression(setup, pipeline_args, training_args)
+    end_processes()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 
 from hf_svd_compress import SVDTrainingArguments
 from hf_svd_compress.cli import parse_with_config
-from hf_svd_compress.pipeline import PipelineArguments, check_export_dir, run_compression
+from hf_svd_compress.pipeline import PipelineArguments, check_export_dir, end_processes, run_compression
 from hf_svd_compress.tasks import TextTaskArguments, setup_text_classification
 
 
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     check_export_dir(pipeline_args, training_args)
     setup = setup_text_classification(task_args, training_args)
     run_compression(setup, pipeline_args, training_args)
+    end_processes()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from transformers import TrainerControl
 from transformers.models.bert.modeling_bert import BertLayer
 
 from hf_svd_compress import current_ranks
+from hf_svd_compress.pipeline import end_processes
 from hf_svd_compress.trainer import SVDPruningCallback
 
 
@@ -92,6 +93,7 @@ def main() -> None:
         out = Path(cli.out) / f"fsdp{version}"
         out.mkdir(parents=True, exist_ok=True)
         train_sharded(version, out)
+    end_processes()
 
 
 if __name__ == "__main__":

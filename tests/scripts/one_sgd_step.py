@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
 from hf_svd_compress import SVDConfig, SVDTrainer, SVDTrainingArguments, svd_factorize_
+from hf_svd_compress.pipeline import end_processes
 
 SVD = SVDConfig(sparsity="hoyer_square", sparsity_weight=0.5, orth_weight=2.0)
 
@@ -108,6 +109,8 @@ def main() -> None:
     if trainer.is_world_process_zero():
         update = {n: (p.detach() - before[n]).contiguous() for n, p in model.named_parameters()}
         save_file(update, f"{cli.out}/update.safetensors")
+    del trainer  # its DDP wrapper holds the process group: end_processes frees both
+    end_processes()
 
 
 if __name__ == "__main__":

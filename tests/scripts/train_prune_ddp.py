@@ -28,6 +28,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_svd_compress import SVDConfig, SVDTrainer, SVDTrainingArguments, current_ranks, save_compressed, svd_factorize_
+from hf_svd_compress.pipeline import end_processes
 
 TOTAL_BATCH, STEPS, PRUNE_AT, PRUNE_ENERGY, LEARNING_RATE = 8, 6, 3, 0.8, 0.05
 SEQ_LEN, VOCAB = 12, 100
@@ -151,6 +152,8 @@ def main() -> None:
     dump(out, rank, world_size, state, current_ranks(model), trainer.examples, trainer.state.log_history)
     if trainer.is_world_process_zero():  # saving happens once, on the main process, as in the pipeline
         save_compressed(trainer.model, out / "compressed")
+    del trainer  # its DDP wrapper holds the process group: end_processes frees both
+    end_processes()
 
 
 if __name__ == "__main__":
