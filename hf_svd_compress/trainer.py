@@ -48,7 +48,8 @@ class SVDTrainingArguments(TrainingArguments):
         metadata={
             "help": "Learning rate of the singular values s, as a multiple of learning_rate. Adam moves every "
             "parameter by about the learning rate per step, so at fine-tuning rates the spectrum barely moves "
-            "and the sparsity regularizer has no effect; ~1000 lets it reshape s in a few hundred steps."
+            "and the sparsity regularizer has no effect; ~1000 lets it reshape s in a few hundred steps. From "
+            "prune_at_step on, where the sparsity term stops, s trains at learning_rate."
         },
     )
     regularizer_interval: int = field(
@@ -176,12 +177,15 @@ class SVDPruningCallback(TrainerCallback):
         budget = 1 - (1 - self.budget) * pruned
         return (None, None) if budget >= 1 else (None, budget)  # the schedule's first step cuts nothing
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         energy, budget = self.target(state.global_step)
         if model is not None and (energy is not None or budget is not None):
             self.ranks = prune_(model, energy=energy, budget=budget, rank_multiple=self.rank_multiple)
             logger.info("Pruned at step %d: ranks %s", state.global_step, self.ranks)
             control.should_log = True
+        if state.global_step == self.at_step and optimizer is not None:
+            # The sparsity term is off from here on: a faster rate for s would only make the spectrum drift.
+            _unscale_singular_value_lr(optimizer, lr_scheduler)
         return control
 
 
@@ -375,6 +379,10 @@ class SVDTrainer(Trainer):
         return energy, budget
 
 
+# Marks the optimizer groups of the singular values with their learning-rate multiple.
+_S_LR_KEY = "singular_value_lr_scale"
+
+
 def _scale_singular_value_lr(optimizer: torch.optim.Optimizer, ids: set[int], scale: float) -> None:
     """Move the parameters in `ids` out of each group into a copy of that group with `lr * scale`."""
     for group in list(optimizer.param_groups):
@@ -382,7 +390,22 @@ def _scale_singular_value_lr(optimizer: torch.optim.Optimizer, ids: set[int], sc
         if singular:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
             settings = {k: v for k, v in group.items() if k != "params"}
-            optimizer.add_param_group({**settings, "params": singular, "lr": group["lr"] * scale})
+            optimizer.add_param_group({**settings, "params": singular, "lr": group["lr"] * scale, _S_LR_KEY: scale})
+
+
+def _unscale_singular_value_lr(optimizer: torch.optim.Optimizer, lr_scheduler=None) -> None:
+    """Put the groups `_scale_singular_value_lr` made back at the base learning rate, in the optimizer and in the
+    scheduler's base rates (which a `LambdaLR`, the Trainer's schedules, multiplies at every step)."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler wraps it
+    for index, group in enumerate(optimizer.param_groups):
+        scale = group.pop(_S_LR_KEY, None)  # popped: a second call (or a resumed run) changes nothing
+        if not scale:
+            continue
+        group["lr"] /= scale
+        if "initial_lr" in group:
+            group["initial_lr"] /= scale
+        if scheduler is not None:
+            scheduler.base_lrs[index] /= scale
 
 
 def _logits(outputs) -> torch.Tensor:

@@ -405,6 +405,32 @@ def test_singular_value_lr_scale_gives_s_its_own_learning_rate(tmp_path):
     assert moved > 0.05  # 4 Adam steps at lr 0.1 (about 1e-3 x 4 without the scale)
 
 
+class RecordLearningRates(TrainerCallback):
+    """The learning rate of every optimizer group at the start of each step."""
+
+    def __init__(self) -> None:
+        self.rates: list[list[float]] = []
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.rates.append([group["lr"] for group in optimizer.param_groups])
+
+
+@pytest.mark.parametrize("gradual", [False, True])
+def test_singular_values_return_to_the_base_rate_once_pruned(tmp_path, gradual):
+    pruning = dict(prune_budget=0.5, prune_start_step=0) if gradual else dict(prune_energy=0.9)
+    kw = dict(learning_rate=1e-3, singular_value_lr_scale=100.0, max_steps=5, prune_at_step=2, **pruning)
+    trainer = SVDTrainer(
+        model=tiny_model(), args=args(tmp_path, lr_scheduler_type="linear", **kw), train_dataset=tiny_data()
+    )
+    record = RecordLearningRates()
+    trainer.add_callback(record)
+    trainer.train()
+    base = [min(rates) for rates in record.rates]
+    assert base == pytest.approx([1e-3 * (1 - step / 5) for step in range(5)])  # the linear schedule, unchanged
+    assert [max(rates) / min(rates) for rates in record.rates] == pytest.approx([100, 100, 1, 1, 1])
+    assert all("singular_value_lr_scale" not in group for group in trainer.optimizer.param_groups)
+
+
 def test_evaluate_before_training_a_model_whose_loss_takes_num_items(tmp_path):
     # ViT's loss uses `num_items_in_batch`: the regularizer scale reads Trainer state that exists only in training.
     from conftest import make_vit

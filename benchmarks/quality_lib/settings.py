@@ -59,6 +59,10 @@ class RegConfig:
             inputs excite and whose `s` is ASVD's spectrum.
         prune_end (`float`, defaults to 1.0): With `gradual`, the fraction of the S stage at which the pruning
             reaches the budget (`prune_at_step`); below 1 the rest of the S stage trains the pruned model.
+        one_schedule (`bool`, defaults to False): With `gradual`, train all S + F steps in one Trainer run (one
+            learning-rate schedule) instead of two: the budget is reached at `prune_end` of it, after which the pruned
+            model trains with the sparsity term off and `s` at the base rate (`SVDTrainer` does both from
+            `prune_at_step`). There is no separate F stage, so `ft_lr_scale` must stay 1.
     """
 
     orth_weight: float = 0.1
@@ -71,6 +75,7 @@ class RegConfig:
     ft_lr_scale: float = 1.0
     init: str = "svd"
     prune_end: float = 1.0
+    one_schedule: bool = False
 
     def __post_init__(self) -> None:
         if self.init not in ("svd", "asvd"):
@@ -80,12 +85,17 @@ class RegConfig:
                 f"prune_end {self.prune_end:g}: a fraction of the S stage in ({GRADUAL_START:g}, 1], for gradual "
                 "pruning only (e.g. 0.1:1e-2:100:hoyer:0:gradual:0.3:asvd:0.6)."
             )
+        if self.one_schedule and (not self.gradual or self.ft_lr_scale != 1):
+            raise ValueError(
+                "one_schedule: for gradual pruning with no separate F stage (ft_lr_scale 1), e.g. "
+                "0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.6:one."
+            )
 
     def record(self) -> dict[str, Any]:
-        """The fields as stored in result files; `ft_lr_scale`, `init` and `prune_end` only when set, so that the
-        results stored before they existed keep their fingerprints."""
+        """The fields as stored in result files; `ft_lr_scale`, `init`, `prune_end` and `one_schedule` only when set,
+        so that the results stored before they existed keep their fingerprints."""
         fields = dataclasses.asdict(self)
-        for name, default in (("ft_lr_scale", 1.0), ("init", "svd"), ("prune_end", 1.0)):
+        for name, default in (("ft_lr_scale", 1.0), ("init", "svd"), ("prune_end", 1.0), ("one_schedule", False)):
             if fields[name] == default:
                 del fields[name]
         return fields
@@ -94,14 +104,15 @@ class RegConfig:
     def key(self) -> str:
         """A file-name-safe identifier, e.g. `o0.1_hoyer0.001_slr1` (`_kd0.5` appended with distillation,
         `_gradual` with gradual pruning, `_b50` for the budget of a gradual S stage, `_ft0.3` for the F stage's
-        learning rate, `_asvd` for the data-aware init, `_end0.6` for `prune_end`)."""
+        learning rate, `_asvd` for the data-aware init, `_end0.6` for `prune_end`, `_one` for `one_schedule`)."""
         key = f"o{self.orth_weight:g}_{self.sparsity}{self.sparsity_weight:g}_slr{self.s_lr_scale:g}"
         key += f"_kd{self.distill_alpha:g}" if self.distill_alpha else ""
         key += "_gradual" if self.gradual else ""
         key += f"_b{round(100 * self.budget)}" if self.budget is not None else ""
         key += f"_ft{self.ft_lr_scale:g}" if self.ft_lr_scale != 1 else ""
         key += "_asvd" if self.init == "asvd" else ""
-        return key + (f"_end{self.prune_end:g}" if self.prune_end != 1 else "")
+        key += f"_end{self.prune_end:g}" if self.prune_end != 1 else ""
+        return key + ("_one" if self.one_schedule else "")
 
     @property
     def label(self) -> str:
@@ -110,6 +121,7 @@ class RegConfig:
         text += f", distillation {self.distill_alpha:g}" if self.distill_alpha else ""
         text += ", gradual pruning" if self.gradual else ""
         text += f", budget at {self.prune_end:.0%} of S" if self.prune_end != 1 else ""
+        text += ", one schedule (S + F in one run)" if self.one_schedule else ""
         text += f", F lr x{self.ft_lr_scale:g}" if self.ft_lr_scale != 1 else ""
         return text + (", ASVD init" if self.init == "asvd" else "")
 
@@ -121,16 +133,19 @@ class RegConfig:
 
     @classmethod
     def parse(cls, spec: str) -> RegConfig:
-        """`"orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual[:ft_lr_scale[:init[:prune_end]]]]]]]"`,
+        """`"orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual[:ft_lr_scale[:init[:prune_end[:one]]]]]]]]"`,
         e.g. `"0.1:1e-3"`, `"0.1:1e-2:30"`, `"0.1:1e-2:1000:hoyer:0.5"`, `"0.1:1e-2:1000:hoyer:0.5:gradual"`,
         `"0.1:1e-2:1000:hoyer:0.5::0.3"` (one cut after S, F stage at 0.3 times the learning rate) or
         `"0:1e-2:100:hoyer:0::0.3:asvd"` (data-aware init) or `"0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.6"` (the
-        budget reached at 60% of the S stage)."""
+        budget reached at 60% of the S stage) or `"0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.6:one"` (S and F in one
+        learning-rate schedule)."""
         parts = spec.split(":")
-        if not 2 <= len(parts) <= 9 or (len(parts) >= 6 and parts[5] not in ("gradual", "")):
+        words_ok = (len(parts) < 6 or parts[5] in ("gradual", "")) and (len(parts) < 10 or parts[9] in ("one", ""))
+        if not 2 <= len(parts) <= 10 or not words_ok:
             raise ValueError(
                 f"--sweep entry {spec!r}: use orth:sparsity_weight[:s_lr_scale[:sparsity[:distill_alpha[:gradual"
-                "[:ft_lr_scale[:init[:prune_end]]]]]]] (gradual: the word `gradual` or nothing)."
+                "[:ft_lr_scale[:init[:prune_end[:one]]]]]]]] (gradual: the word `gradual` or nothing; one: the word "
+                "`one` or nothing)."
             )
         kwargs: dict[str, Any] = {"orth_weight": float(parts[0]), "sparsity_weight": float(parts[1])}
         if len(parts) > 2:
@@ -145,8 +160,10 @@ class RegConfig:
             kwargs["ft_lr_scale"] = float(parts[6])
         if len(parts) > 7 and parts[7]:
             kwargs["init"] = parts[7]
-        if len(parts) > 8:
+        if len(parts) > 8 and parts[8]:
             kwargs["prune_end"] = float(parts[8])
+        if len(parts) > 9:
+            kwargs["one_schedule"] = parts[9] == "one"
         return cls(**kwargs)
 
 
@@ -258,6 +275,8 @@ def preset(task: str) -> Settings:
                 RegConfig(0.01, 1e-2, s_lr_scale=10.0),
                 RegConfig(0.1, 1e-2, s_lr_scale=10.0, distill_alpha=0.5, gradual=True),
                 RegConfig(0.0, 1e-2, s_lr_scale=10.0, ft_lr_scale=0.3, init="asvd"),
+                # Reaches the budget at S's last step: the sparsity term stays on in every step (and in the last log).
+                RegConfig(0.1, 1e-2, s_lr_scale=10.0, gradual=True, init="asvd", one_schedule=True),
             ),
         )
     if task == "dinov2":

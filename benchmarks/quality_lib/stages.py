@@ -249,13 +249,14 @@ class Bench:
         if cached is not None and (folder / REGULARIZED_FILE).is_file():
             return cached
         s, reg = self.settings, effective_config(config, parameterization)
-        log(f"{name} [{parameterization}, {reg.label}]: {s.svd_steps} steps with the regularizers (seed {seed})")
+        steps = self.s_stage_steps(reg)
+        log(f"{name} [{parameterization}, {reg.label}]: {steps} steps with the regularizers (seed {seed})")
         model = self.factorize_for_s_stage(reg, parameterization)
         training = train(
             model,
             self.setup(),
             s,
-            s.svd_steps,
+            steps,
             s.learning_rate,
             reg,
             sparsity_on=True,
@@ -287,13 +288,17 @@ class Bench:
         asvd = self.fingerprint("asvd_ft")
         return {k: asvd[k] for k in ("calib_batches", "asvd_alpha")}
 
+    def s_stage_steps(self, config: RegConfig) -> int:
+        """Steps of ours' S stage: `svd_steps`, or all S + F steps when `config.one_schedule` (no F stage then)."""
+        return self.settings.compressed_steps if config.one_schedule else self.settings.svd_steps
+
     def gradual_pruning(self, config: RegConfig) -> dict[str, Any] | None:
         """`SVDTrainingArguments` fields of a gradual S stage: from `GRADUAL_START` of it to `config.prune_end` of it
         (by default its last step), to the budget, with the ranks of `prune_(model, budget=b)` (no rounding) as for
         every other method."""
         if config.budget is None:
             return None
-        steps = self.settings.svd_steps
+        steps = self.s_stage_steps(config)
         start = min(steps - 1, round(GRADUAL_START * steps))
         end = max(start + 1, min(steps, round(config.prune_end * steps)))
         return dict(prune_start_step=start, prune_at_step=end, prune_budget=config.budget, prune_rank_multiple=1)
@@ -361,7 +366,7 @@ class Bench:
         if "pruned" in names:
             pruned = {**info, "method": "ours_pruned", "train": {"steps": 0, "wall_s": 0.0}}
             self.record(names["pruned"], fingerprint, model, ("test",), **pruned)
-        steps = self.settings.finetune_steps
+        steps = 0 if reg.one_schedule else self.settings.finetune_steps  # one schedule: S had the F steps
         log(f"{names['ft']}: fine-tuning {steps} steps (seed {seed})")
         lr = self.settings.learning_rate * config.ft_lr_scale
         training = train(model, self.setup(), self.settings, steps, lr, reg, seed=seed, **self.distillation(reg))
