@@ -105,7 +105,8 @@ def train(
 
     A dense model trains with the plain `Trainer`. A factored one trains with `SVDTrainer`: with `reg` None the
     factors train freely (classic low-rank fine-tuning, no regularizer); otherwise with `reg.orth_weight` and, if
-    `sparsity_on`, the sparsity regularizer. `s_lr_scale` multiplies the learning rate of the singular values.
+    `sparsity_on`, the sparsity regularizer. `s_lr_scale` multiplies the learning rate of the singular values
+    (`SVDTrainingArguments.singular_value_lr_scale`: back to 1x from `prune_at_step` on).
     `seed` (default `settings.seed`) is the Trainer's seed: the order of the training batches and the dropout masks.
     With `distill_alpha` > 0 a factored model also learns from `teacher`'s logits (`SVDTrainer(teacher_model=)`).
     `pruning` sets `SVDTrainingArguments` pruning fields (`prune_start_step`, `prune_at_step`, `prune_budget`, ...).
@@ -114,8 +115,7 @@ def train(
         return {"steps": 0, "wall_s": 0.0}
     factored = bool(svd_layers(model) or cur_layers(model))
     seed = settings.seed if seed is None else seed
-    args = _training_args(settings, steps, learning_rate, factored, reg, sparsity_on, seed)
-    optimizer = _s_lr_optimizer(model, learning_rate, s_lr_scale) if s_lr_scale != 1 else None
+    args = _training_args(settings, steps, learning_rate, factored, reg, sparsity_on, seed, s_lr_scale)
     extra: dict[str, Any] = {}
     if distill_alpha:
         if not factored or teacher is None:
@@ -131,7 +131,6 @@ def train(
         args=args,
         train_dataset=setup.train_dataset,
         data_collator=setup.data_collator,
-        optimizers=(optimizer, None),
         **extra,
     )
     trainer.remove_callback(PrinterCallback)  # losses go to the result file, not the console
@@ -159,6 +158,7 @@ def _training_args(
     reg: RegConfig | None,
     sparsity_on: bool,
     seed: int,
+    s_lr_scale: float = 1.0,
 ) -> TrainingArguments:
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="quality_"),
@@ -181,18 +181,14 @@ def _training_args(
     if reg is None:
         return SVDTrainingArguments(**common, orth_weight=0.0, sparsity="none")
     sparsity = reg.sparsity if sparsity_on else "none"
+    # The library's own singular-value groups: SVDTrainer puts them back at the base rate at `prune_at_step`.
     return SVDTrainingArguments(
-        **common, orth_weight=reg.orth_weight, sparsity=sparsity, sparsity_weight=reg.sparsity_weight
+        **common,
+        orth_weight=reg.orth_weight,
+        sparsity=sparsity,
+        sparsity_weight=reg.sparsity_weight,
+        singular_value_lr_scale=s_lr_scale,
     )
-
-
-def _s_lr_optimizer(model: torch.nn.Module, learning_rate: float, scale: float) -> torch.optim.Optimizer:
-    """AdamW (the Trainer's defaults) with the singular values in their own group at `scale` times the rate."""
-    s_params = [layer.s for layer in svd_layers(model).values()]
-    s_ids = {id(p) for p in s_params}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in s_ids]
-    groups = [{"params": rest, "lr": learning_rate}, {"params": s_params, "lr": learning_rate * scale}]
-    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=0.0)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

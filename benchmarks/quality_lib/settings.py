@@ -319,6 +319,10 @@ DEFAULT_SWEEP = (
     # as on DINOv2, 30 F steps at 0.3x do not recover it).
     "0.1:1e-2:100:hoyer:0:gradual:0.3:asvd:0.6",
     "0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.6",
+    # S and F in one learning-rate schedule (`RegConfig.one_schedule`; the budget reached at 60% of it, s back at the
+    # base rate from there): on DINOv2 a second schedule restarted from a trained model costs more than it recovers.
+    "0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.6:one",
+    "0.1:0:1:hoyer:0:gradual:1:asvd:0.6:one",
 )
 
 
