@@ -282,11 +282,13 @@ def test_prune_end_moves_the_step_where_gradual_pruning_reaches_the_budget(monke
 
 def test_one_schedule_trains_s_and_f_in_one_run(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from quality_lib.report import pruning_label
     from quality_lib.settings import RegConfig, Settings
     from quality_lib.stages import Bench
 
     one = RegConfig.parse("0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.6:one")
     assert one.one_schedule and one.prune_end == 0.6 and one.key.endswith("_asvd_end0.6_one")
+    assert pruning_label(one) == "gradual to 60% of S, one schedule (S + F)"
     assert one.for_budget(0.5).key == "o0.1_hoyer0.01_slr100_gradual_b50_asvd_end0.6_one"
     assert "one_schedule" not in RegConfig.parse("0.1:1e-2:100:hoyer:0:gradual:1:asvd:0.6").record()
     bench = Bench(Settings(svd_steps=50, finetune_steps=30), tmp_path)

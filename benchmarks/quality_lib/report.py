@@ -358,7 +358,7 @@ def sweep_table(
         lines.append(
             f"| {c.init} | {c.orth_weight:g} | {c.sparsity} {c.sparsity_weight:g} | {c.s_lr_scale:g} | "
             f"{c.distill_alpha:g} | "
-            f"{pruning_label(c)} | {c.ft_lr_scale:g} | {r['val']['accuracy']:.4f}"
+            f"{pruning_label(c)} | {'no F' if c.one_schedule else f'{c.ft_lr_scale:g}'} | {r['val']['accuracy']:.4f}"
             f"{'' if final else mark} | {r['val']['loss']:.4f} | "
             f"{r['test']['accuracy']:.4f} | {pruned:.4f} | {r['energy_kept']:.3f} | "
             f"{r['regularized']['train']['wall_s']:.0f} | {final} |"
@@ -367,10 +367,12 @@ def sweep_table(
 
 
 def pruning_label(config: RegConfig) -> str:
-    """How `config` prunes: `after S`, `gradual` (to S's last step) or e.g. `gradual to 60% of S`."""
+    """How `config` prunes: `after S`, `gradual` (to S's last step) or e.g. `gradual to 60% of S`, and `, one
+    schedule (S + F)` when S has the F steps too."""
     if not config.gradual:
         return "after S"
-    return "gradual" if config.prune_end == 1 else f"gradual to {config.prune_end:.0%} of S"
+    label = "gradual" if config.prune_end == 1 else f"gradual to {config.prune_end:.0%} of S"
+    return label + (", one schedule (S + F)" if config.one_schedule else "")
 
 
 def compute_summary(rows: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> list[str]:
