@@ -82,6 +82,22 @@ def test_compress_prunes_gradually_during_the_svd_stage(tiny_text_model, tiny_te
     assert kept <= 0.5 * sum(m * n for m, n in meta["shapes"].values())
 
 
+def test_compress_in_one_schedule_without_a_fine_tuning_stage(tiny_text_model, tiny_text_csv, tmp_path):
+    # The quality benchmark's one_schedule: the SVD stage has every step, prunes gradually to step 3, then trains
+    # the pruned model in the same learning-rate schedule; there is no fine-tuning stage.
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
+    args += ["--output_dir", str(tmp_path / "o"), "--prune_budget", "0.5", "--prune_start_step", "1"]
+    args += ["--prune_at_step", "3", "--svd_steps", "4", "--finetune_steps", "0", "--singular_value_lr_scale", "100"]
+    result = run(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    svd_stage = result.stdout.split("[hf-svd-compress] 3/5")[1].split("[hf-svd-compress] 4/5")[0]
+    assert len(re.findall(r"'rank_fraction'", svd_stage)) == 4
+    after = result.stdout.split("[hf-svd-compress] 4/5")[1].split("[hf-svd-compress] 5/5")[0]
+    assert "'rank_fraction'" not in after  # no training after the SVD stage
+    summary = json.loads((tmp_path / "o" / "compressed" / "compression_summary.json").read_text())
+    assert summary["accuracy"]["compressed"] == summary["accuracy"]["pruned"]
+
+
 def test_compress_cuts_once_inside_the_svd_stage_at_prune_at_step(tiny_text_model, tiny_text_csv, tmp_path):
     args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
     args += ["--output_dir", str(tmp_path / "o"), "--prune_energy", "0.8", "--prune_at_step", "2"]
