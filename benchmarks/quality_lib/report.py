@@ -149,7 +149,8 @@ def header(settings: Settings, rows: list[dict[str, Any]], config: RegConfig | N
         f"(lr {s.learning_rate:g}, linear decay, {s.warmup_ratio:.0%} warm-up): methods 3 and 4 fine-tune "
         f"{s.compressed_steps} steps after truncation; ours trains S = {s.svd_steps} regularized steps from full "
         f"rank, prunes (at once after S, or gradually during S), then fine-tunes F = {s.finetune_steps} steps "
-        "(sparsity off, orthogonality kept).",
+        "(sparsity off, orthogonality kept); with one schedule its S stage has all "
+        f"{s.compressed_steps} steps (the budget reached within it) and there is no F stage (5a = 5).",
         f"- Seeds: every method that trains after the dense model runs once per training seed ({seeds}: batch order "
         "and dropout; for ours both the S and the F stage, so 5a depends on it too); its cells show the mean test "
         "accuracy ± the sample standard deviation over the seeds, and the comparisons below use the means. The dense "
