@@ -96,6 +96,7 @@ def train(
     reg: RegConfig | None = None,
     sparsity_on: bool = False,
     s_lr_scale: float = 1.0,
+    keep_s_lr: bool = False,
     seed: int | None = None,
     teacher: torch.nn.Module | None = None,
     distill_alpha: float = 0.0,
@@ -105,8 +106,9 @@ def train(
 
     A dense model trains with the plain `Trainer`. A factored one trains with `SVDTrainer`: with `reg` None the
     factors train freely (classic low-rank fine-tuning, no regularizer); otherwise with `reg.orth_weight` and, if
-    `sparsity_on`, the sparsity regularizer. `s_lr_scale` multiplies the learning rate of the singular values
-    (`SVDTrainingArguments.singular_value_lr_scale`: back to 1x from `prune_at_step` on).
+    `sparsity_on`, the sparsity regularizer. `s_lr_scale` multiplies the learning rate of the singular values: with
+    the library's `singular_value_lr_scale`, back to 1x from `prune_at_step` on, or with `keep_s_lr` in the
+    benchmark's own optimizer groups to the last step (as the two-schedule results were trained).
     `seed` (default `settings.seed`) is the Trainer's seed: the order of the training batches and the dropout masks.
     With `distill_alpha` > 0 a factored model also learns from `teacher`'s logits (`SVDTrainer(teacher_model=)`).
     `pruning` sets `SVDTrainingArguments` pruning fields (`prune_start_step`, `prune_at_step`, `prune_budget`, ...).
@@ -115,7 +117,10 @@ def train(
         return {"steps": 0, "wall_s": 0.0}
     factored = bool(svd_layers(model) or cur_layers(model))
     seed = settings.seed if seed is None else seed
-    args = _training_args(settings, steps, learning_rate, factored, reg, sparsity_on, seed, s_lr_scale)
+    own_groups = keep_s_lr and s_lr_scale != 1
+    library_scale = 1.0 if own_groups else s_lr_scale
+    args = _training_args(settings, steps, learning_rate, factored, reg, sparsity_on, seed, library_scale)
+    optimizer = _s_lr_optimizer(model, learning_rate, s_lr_scale) if own_groups else None
     extra: dict[str, Any] = {}
     if distill_alpha:
         if not factored or teacher is None:
@@ -131,6 +136,7 @@ def train(
         args=args,
         train_dataset=setup.train_dataset,
         data_collator=setup.data_collator,
+        optimizers=(optimizer, None),
         **extra,
     )
     trainer.remove_callback(PrinterCallback)  # losses go to the result file, not the console
@@ -189,6 +195,15 @@ def _training_args(
         sparsity_weight=reg.sparsity_weight,
         singular_value_lr_scale=s_lr_scale,
     )
+
+
+def _s_lr_optimizer(model: torch.nn.Module, learning_rate: float, scale: float) -> torch.optim.Optimizer:
+    """AdamW (the Trainer's defaults) with the singular values in their own group at `scale` times the rate."""
+    s_params = [layer.s for layer in svd_layers(model).values()]
+    s_ids = {id(p) for p in s_params}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in s_ids]
+    groups = [{"params": rest, "lr": learning_rate}, {"params": s_params, "lr": learning_rate * scale}]
+    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=0.0)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

@@ -261,6 +261,7 @@ class Bench:
             reg,
             sparsity_on=True,
             s_lr_scale=reg.s_lr_scale,
+            keep_s_lr=not reg.one_schedule,  # the two-schedule results were trained with s at its rate to S's end
             seed=seed,
             pruning=self.gradual_pruning(reg),
             **self.distillation(reg),
