@@ -44,6 +44,11 @@ def run_quality(cache: Path, *args: str) -> str:
     return result.stdout
 
 
+def s_stage_key(ours_key: str) -> str:
+    """The key of the S stage behind ours' config key: without the F stage's rate, per budget (50%) when gradual."""
+    return re.sub(r"_ft[^_]+", "", ours_key).replace("_gradual", "_gradual_b50")
+
+
 def stored(cache: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in (cache / "results").glob("*.json")}
 
@@ -104,8 +109,7 @@ def test_every_method_fits_the_same_budget(tiny_run):
     assert results["dense_ft"]["train"]["steps"] == 4
     for name in ours:  # S + F, or everything in S with one schedule
         config = results[name]["config"]
-        stage = "regularized@" + name.split("@")[2].replace("_gradual", "_gradual_b50")
-        stage = stage if stage in results else stage.replace("_ft0.3", "")  # F's rate is not part of S
+        stage = f"regularized@{s_stage_key(name.split('@')[2])}"
         assert results[stage]["train"]["steps"] + results[name]["train"]["steps"] == 4, name
         assert results[name]["train"]["steps"] == (0 if config.get("one_schedule") else 2), name
 
@@ -155,8 +159,7 @@ def test_second_seed_reuses_the_first_and_trains_every_method_again(two_seeds):
     assert any("_gradual" in c for c in configs) and any("_asvd" in c for c in configs), configs
     expected = ["dense_ft", "svd_ft@50", "asvd_ft@50"]
     for ours in configs:
-        # The S stage's key: without the F stage's rate, and per budget when pruning gradually.
-        stage = re.sub(r"_ft[^_]+", "", ours).replace("_gradual", "_gradual_b50")
+        stage = s_stage_key(ours)
         expected += [f"regularized@{stage}", f"ours_pruned@50@{ours}", f"ours@50@{ours}"]
     assert added == sorted(f"{name}@seed43" for name in expected)  # the untrained rows 2 and 4a are seed-free
     for name in added:
