@@ -324,7 +324,7 @@ def test_trainer_with_orth_probes_logs_an_estimate_near_the_exact_value(tmp_path
     for layer in svd_layers(model).values():
         with torch.no_grad():
             layer.U.add_(0.05 * torch.randn_like(layer.U))
-    exact = float(regularizer_totals(svd_layers(model).values(), None)[0])
+    exact = regularizer_totals(svd_layers(model).values(), None)[0].item()
     args = SVDTrainingArguments(
         tmp_path, max_steps=1, learning_rate=0.0, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no"
     )
