@@ -1,6 +1,7 @@
 """hf_svd_compress: compress Hugging Face Transformers models by SVD training."""
 
-from .calibration import activation_scales
+from .calibration import CalibrationData, activation_scales, input_covariances
+from .compress import CompressionArguments, compress, compress_config
 from .config import DEFAULT_TARGET_MODULES, SVDConfig
 from .conv import SVDConv2d
 from .cur import CompactCURLinear, CURLinear, cur_layers
@@ -26,6 +27,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "activation_scales",
+    "CalibrationData",
+    "input_covariances",
+    "CompressionArguments",
+    "compress",
+    "compress_config",
     "CompressedFormatError",
     "load_compressed",
     "load_factored_checkpoint",

@@ -13,6 +13,8 @@ SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
 # How a factored layer is parameterized: the regularized SVD (the default), Householder-orthonormal factors (SVDP),
 # their tensor-train form (STTP), or a CUR decomposition built from actual columns and rows of the weight.
 PARAMETERIZATIONS = ("svd", "householder", "sttp", "cur")
+# How `prune_(budget=)` shares a budget across layers (see `pruning.greedy_ranks` and `pruning.budget_ranks`).
+ALLOCATIONS = ("greedy", "threshold")
 # How an `nn.Conv2d` weight [Cout, Cin, kh, kw] is flattened to a matrix before its SVD (Yang et al.).
 CONV_MODES = ("channel", "spatial")
 
@@ -54,6 +56,10 @@ class SVDConfig:
             Fraction of each layer's spectral energy (sum of s^2) kept by energy pruning, in (0, 1].
         prune_budget (`float`, *optional*):
             If set, prune to this global fraction of the factored layers' parameters instead, in (0, 1).
+        prune_allocation (`str`, defaults to `"greedy"`):
+            How a budget is shared across layers: `"greedy"` keeps the singular triplets of highest
+            `s_i^2 / (m + n)` (output error per parameter with whitened factors), `"threshold"` the same energy
+            fraction in every layer.
         prune_rank_multiple (`int`, defaults to 8):
             Round each pruned rank up to a multiple of this: GEMMs with an inner size that is a multiple of 8 run
             35-50% faster on CPUs (MKL) and use GPU tensor cores. 1 keeps the exact energy / budget ranks.
@@ -70,6 +76,9 @@ class SVDConfig:
             `"spatial"` (a kh x 1 conv, then a 1 x kw conv).
         approx_weight (`float`, defaults to 1.0):
             For `parameterization="cur"`: weight of the distance between each weight and its CUR approximation.
+        whitening_ridge (`float`, defaults to 1e-3):
+            For whitened factors (`svd_factorize_(..., calibration=)`): `whitening_ridge * mean(diag C)` is added to
+            each input covariance `C` before its eigendecomposition, so singular or ill-conditioned `C` stay finite.
         tt_max_rank (`int`, *optional*):
             For `parameterization="sttp"`: cap on the tensor-train ranks of U and V. `None` keeps the exact TT-SVD of
             the pretrained factors (the layer computes the dense function at the start); a cap approximates them
@@ -99,6 +108,10 @@ class SVDConfig:
     prune_budget: float | None = field(
         default=None, metadata={"help": "Global fraction of factored-layer parameters kept, in (0, 1)."}
     )
+    prune_allocation: str = field(
+        default="greedy",
+        metadata={"help": "How a budget is shared: 'greedy' (best s^2 / (m + n) first) or 'threshold' (one energy)."},
+    )
     prune_rank_multiple: int = field(
         default=8, metadata={"help": "Round pruned ranks up to a multiple of this (1: no rounding)."}
     )
@@ -114,6 +127,10 @@ class SVDConfig:
     )
     approx_weight: float = field(
         default=1.0, metadata={"help": "CUR only: weight of ||W - C U R||_F^2 / ||W||_F^2 in the loss."}
+    )
+    whitening_ridge: float = field(
+        default=1e-3,
+        metadata={"help": "Whitened factors: ridge added to each input covariance, as a fraction of mean(diag C)."},
     )
     tt_max_rank: int | None = field(
         default=None, metadata={"help": "STTP only: cap on the tensor-train ranks of U and V (None: exact TT-SVD)."}
@@ -136,10 +153,15 @@ class SVDConfig:
                 f"SVDConfig.parameterization={self.parameterization!r} is not supported: use one of "
                 f"{PARAMETERIZATIONS}."
             )
+        if self.prune_allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"SVDConfig.prune_allocation={self.prune_allocation!r} is not supported: use one of {ALLOCATIONS}."
+            )
         if self.conv_mode not in CONV_MODES:
             raise ValueError(f"SVDConfig.conv_mode={self.conv_mode!r} is not supported: use one of {CONV_MODES}.")
         for name in ("orth_weight", "sparsity_weight", "approx_weight"):
             _check_non_negative(name, getattr(self, name))
+        _check_fraction("whitening_ridge", self.whitening_ridge, closed_right=True)
         _check_fraction("prune_energy", self.prune_energy, closed_right=True)
         if self.prune_budget is not None:
             _check_fraction("prune_budget", self.prune_budget, closed_right=False)

@@ -49,3 +49,34 @@ def distillation_loss(
         return student_logits.float().sum() * 0.0  # keeps the graph: every process must call backward
     kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+def hidden_state_loss(
+    student_hidden: tuple[torch.Tensor, ...],
+    teacher_hidden: tuple[torch.Tensor, ...],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over layers of `||h_s - h_t||^2 / ||h_t||^2` (TinyBERT-style, no projection: same depth and width).
+
+    Args:
+        student_hidden (`tuple[torch.Tensor, ...]`): The student's `hidden_states` (`output_hidden_states=True`),
+            each `[batch, seq, width]`.
+        teacher_hidden (`tuple[torch.Tensor, ...]`): The teacher's, of the same shapes.
+        attention_mask (`torch.Tensor`, *optional*): `[batch, seq]`; padding positions are left out.
+
+    Returns:
+        `torch.Tensor`: A float32 scalar; normalizing by the teacher's norm makes every layer count alike.
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(
+            f"The student has {len(student_hidden)} hidden states and the teacher {len(teacher_hidden)}: hidden-state "
+            "distillation needs the teacher's depth (the dense model the student was factored from)."
+        )
+    terms = []
+    for s, t in zip(student_hidden, teacher_hidden):
+        s, t = s.float(), t.float()
+        if attention_mask is not None and attention_mask.shape == s.shape[:2]:
+            keep = attention_mask.bool()
+            s, t = s[keep], t[keep]
+        terms.append((s - t).square().sum() / t.square().sum().clamp_min(torch.finfo(t.dtype).tiny))
+    return torch.stack(terms).mean()

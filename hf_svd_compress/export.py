@@ -42,6 +42,7 @@ from .householder import HouseholderSVDLinear
 from .hub import push_compressed_to_hub
 from .layers import SVDLinear, dense_weight
 from .model_card import render_model_card
+from .pruning import BREAK_EVEN
 from .templates.modeling_svd_compressed import LowRankLinear
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,9 @@ MODELING_FILE = "modeling_svd_compressed.py"
 _MODEL_FILE_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.gguf", "*.onnx")
 _HUB_KWARGS = {"private", "token", "commit_message", "revision", "create_pr", "api"}
 _REQUIRED_METADATA = ("ranks", "shapes", "base_architecture", "base_config_class", "base_model_type")
-# A layer stays dense unless its factors hold fewer than this fraction of its dense weights, `r (m + n) < f m n`: near
-# the parameter break-even (f = 1) the two thin GEMMs of `up(down(x))` are slower than the one dense GEMM. Measured by
-# `python benchmarks/inference.py --break-even` (torch 2.13 CPU, MKL, AVX-512, 1 thread; 384/768-wide BERT and ViT
-# layers, 128 and 4096 tokens): the factored layer stops being faster at 0.9-1.0 of the parameter break-even rank for
-# ranks that are multiples of 8, and at 0.85-0.9 (128 tokens) or 0.6-0.85 (4096 tokens) for odd ranks.
-SPEED_BREAK_EVEN = 0.9
+# A layer stays dense unless its factors hold fewer than `BREAK_EVEN` (0.9) of its dense weights: the one rule that
+# pruning, export, report and model card share (see `pruning.BREAK_EVEN` for the measurement).
+SPEED_BREAK_EVEN = BREAK_EVEN
 
 
 class CompressedFormatError(ValueError):
@@ -253,6 +251,8 @@ def load_factored_checkpoint(path: str | os.PathLike, device: torch.device | str
                     layer.input_scale = torch.empty(in_features, dtype=model.dtype)
         _replace(model, name, layer)
     _load_strict(model, tensors, folder)
+    for name in stored.get("whitened", []):
+        model.get_submodule(name).whitened = True
     model.svd_config = SVDConfig.from_dict(stored["config"])
     return model.to(device) if device is not None else model
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .calibration import CalibrationData, input_covariances
 from .config import SVDConfig
 from .conv import SVDConv2d, check_conv
 from .cur import CUR_TYPES
@@ -23,6 +24,8 @@ def svd_factorize_(
     config: SVDConfig | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     input_scales: dict[str, torch.Tensor] | None = None,
+    calibration: CalibrationData | dict[str, torch.Tensor] | None = None,
+    max_calibration_bytes: int | None = None,
 ) -> nn.Module:
     """Replace the target layers of `model` by their full-rank SVD (`SVDLinear`), in place.
 
@@ -40,6 +43,15 @@ def svd_factorize_(
             and pruning rank directions by what they contribute for the inputs the layer sees; `U` and `V` are
             orthonormal. The config must have `parameterization="svd"`, no `init_energy` / `init_max_rank`, and no
             conv targets.
+        calibration (`CalibrationData` or `dict[str, torch.Tensor]`, *optional*): A whitened data-aware start
+            (SVD-LLM / DRONE, `SVDLinear.from_linear(covariance=)`): each layer's `s_i^2` is then the mean squared
+            output error of dropping triplet `i` on the calibration inputs, so pruning the smallest `s` (and the
+            sparsity term on `s`) act on what the task sees. Either the input covariances of every target
+            (`input_covariances(model, data, config)`) or the `CalibrationData` to compute them from, streamed in
+            chunks of at most `max_calibration_bytes` of covariances (one calibration pass per chunk). Same
+            restrictions as `input_scales`, and not combined with it.
+        max_calibration_bytes (`int`, *optional*): With `CalibrationData`: the float64 covariances held at once;
+            default a quarter of the model's parameter bytes (at least one layer's).
 
     Returns:
         The same `model`, whose outputs equal the dense model's up to float error. Layers already factored are
@@ -48,8 +60,8 @@ def svd_factorize_(
     Raises:
         `NoTargetModulesError`: nothing matched. `TypeError`: a matched module is not a linear layer or an
         `nn.Conv2d`. `ValueError`: a matched conv cannot be factored (grouped, non-zero `padding_mode`, or a
-        `parameterization` other than "svd"), or `input_scales` do not fit (see above). All are raised before the
-        model is changed.
+        `parameterization` other than "svd"), `input_scales` or `calibration` do not fit (see above), or the model
+        does not accept the calibration batches. All are raised before the model is changed.
     """
     config = config or SVDConfig()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -71,22 +83,30 @@ def svd_factorize_(
     for name in names:  # refuse a conv that cannot be factored before any layer is swapped
         if isinstance(modules[name], nn.Conv2d):
             check_conv(modules[name], config.conv_mode, config.parameterization, name)
+    if input_scales is not None and calibration is not None:
+        raise ValueError("Give input_scales (ASVD) or calibration (whitened factors), not both.")
     if input_scales is not None:
         check_input_scales(modules, names, config, input_scales)
+    if calibration is not None:
+        check_data_aware(modules, names, config, "calibration")
+    if isinstance(calibration, dict):
+        check_covariances(modules, names, calibration)
     # Drop our references to the dense layers: each one must be freed as soon as it is swapped out, before the
     # next layer's SVD, so factoring never holds the dense and the factored model at once.
     del modules
+    if isinstance(calibration, CalibrationData):  # its first pass (the first chunk) fails before any change
+        _factor_streamed(model, names, config, calibration, max_calibration_bytes)
+        calibration = None
     for name in names:
-        _factor_one(model, name, config, None if input_scales is None else input_scales.get(name))
+        scale = None if input_scales is None else input_scales.get(name)
+        _factor_one(model, name, config, scale, None if calibration is None else calibration.get(name))
     model.svd_config = config
     _record_on_config(model, config)
     return model
 
 
-def check_input_scales(
-    modules: dict[str, nn.Module], names: list[str], config: SVDConfig, input_scales: dict[str, torch.Tensor]
-) -> None:
-    """Refuse data-aware scales that do not fit the config or the dense layers they are for."""
+def check_data_aware(modules: dict[str, nn.Module], names: list[str], config: SVDConfig, what: str) -> None:
+    """Refuse a data-aware start (`what`: the argument) for a config or targets it does not apply to."""
     fixes = {
         "parameterization": (config.parameterization != "svd", 'parameterization="svd"'),
         "init_energy / init_max_rank": (
@@ -96,11 +116,37 @@ def check_input_scales(
     }
     wrong = [f"{field} (use {fix})" for field, (bad, fix) in fixes.items() if bad]
     if wrong:
-        raise ValueError(f"input_scales: {'; '.join(wrong)}.")
-    dense = [n for n in names if not isinstance(modules[n], SVDLinear)]
-    convs = [n for n in dense if isinstance(modules[n], nn.Conv2d)]
+        raise ValueError(f"{what}: {'; '.join(wrong)}.")
+    convs = [n for n in names if isinstance(modules[n], nn.Conv2d)]
     if convs:
-        raise ValueError(f"input_scales: data-aware factors are for linear layers; leave out the convs {convs[:3]}.")
+        raise ValueError(f"{what}: data-aware factors are for linear layers; leave out the convs {convs[:3]}.")
+
+
+def check_covariances(modules: dict[str, nn.Module], names: list[str], covariances: dict[str, torch.Tensor]) -> None:
+    """Refuse input covariances that miss a target or do not fit its input width (the model changed since)."""
+    dense = [n for n in names if not isinstance(modules[n], SVDLinear)]
+    missing = [n for n in dense if n not in covariances]
+    if missing:
+        raise ValueError(
+            f"calibration has no input covariance for {missing[:3]} ({len(missing)} layers): the targets changed "
+            "since calibration; compute them again with input_covariances(model, data, config) for this model and "
+            "config."
+        )
+    for name in dense:
+        columns, c = dense_weight(modules[name]).shape[1], covariances[name]
+        if tuple(c.shape) != (columns, columns) or not bool(torch.isfinite(c).all()):
+            raise ValueError(
+                f"calibration[{name!r}]: expected a finite {columns} x {columns} input covariance, got shape "
+                f"{tuple(c.shape)}: the model changed since calibration; compute them again with input_covariances."
+            )
+
+
+def check_input_scales(
+    modules: dict[str, nn.Module], names: list[str], config: SVDConfig, input_scales: dict[str, torch.Tensor]
+) -> None:
+    """Refuse data-aware scales that do not fit the config or the dense layers they are for."""
+    check_data_aware(modules, names, config, "input_scales")
+    dense = [n for n in names if not isinstance(modules[n], SVDLinear)]
     missing = [n for n in dense if n not in input_scales]
     if missing:
         raise ValueError(
@@ -117,11 +163,44 @@ def check_input_scales(
             )
 
 
-def _factor_one(model: nn.Module, name: str, config: SVDConfig, input_scale: torch.Tensor | None = None) -> None:
+def _factor_streamed(
+    model: nn.Module, names: list[str], config: SVDConfig, data: CalibrationData, max_bytes: int | None
+) -> None:
+    """Whitened factoring in chunks of layers whose covariances fit `max_bytes`: one calibration pass per chunk.
+
+    A factored layer computes what its dense layer did, so later chunks see the same inputs.
+    """
+    widths = {n: dense_weight(model.get_submodule(n)).shape[1] for n in names if _is_dense(model, n)}
+    if max_bytes is None:
+        max_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) // 4
+    chunks: list[list[str]] = [[]]
+    for name, width in widths.items():
+        held = sum(8 * widths[n] ** 2 for n in chunks[-1])
+        if chunks[-1] and held + 8 * width**2 > max_bytes:
+            chunks.append([])
+        chunks[-1].append(name)
+    for chunk in chunks:
+        if chunk:
+            covariances = input_covariances(model, data, config, names=chunk)
+            for name in chunk:
+                _factor_one(model, name, config, covariance=covariances.pop(name))
+
+
+def _is_dense(model: nn.Module, name: str) -> bool:
+    return not isinstance(model.get_submodule(name), (SVDLinear, *CUR_TYPES))
+
+
+def _factor_one(
+    model: nn.Module,
+    name: str,
+    config: SVDConfig,
+    input_scale: torch.Tensor | None = None,
+    covariance: torch.Tensor | None = None,
+) -> None:
     """Swap one layer for its SVD; the dense layer is unreferenced (and freed) when this returns."""
-    dense = model.get_submodule(name)
-    if not isinstance(dense, (SVDLinear, *CUR_TYPES)):
-        _replace(model, name, factored_layer(dense, config, input_scale))
+    if _is_dense(model, name):
+        dense = model.get_submodule(name)
+        _replace(model, name, factored_layer(dense, config, input_scale, covariance))
 
 
 def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
@@ -143,6 +222,9 @@ def _record_on_config(model: nn.Module, config: SVDConfig) -> None:
         return
     ranks = {n: m.full_rank for n, m in svd_layers(model).items()}
     stored = {"config": config.to_dict(), "ranks": ranks}
+    whitened = sorted(n for n, m in svd_layers(model).items() if getattr(m, "whitened", False))
+    if whitened:  # their orthogonality term covers U alone; load_factored_checkpoint restores the flag
+        stored["whitened"] = whitened
     convs = {n: m.geometry() for n, m in svd_layers(model).items() if isinstance(m, SVDConv2d)}
     if convs:  # geometry of factored convs, for load_factored_checkpoint
         stored["convs"] = convs

@@ -55,6 +55,8 @@ class SVDLinear(nn.Module):
         self.orth_enabled = False
         self.orth_probes = 0  # > 0: randomized orthogonality estimate (see `orthogonality_loss`)
         self.sparsity_kind: str | None = None
+        # Whitened factors (from_linear(covariance=)): V is C-orthonormal, so the orthogonality term covers U alone.
+        self.whitened = False
         self.regularizer_terms: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -80,6 +82,8 @@ class SVDLinear(nn.Module):
         energy: float | None = None,
         max_rank: int | None = None,
         input_scale: torch.Tensor | None = None,
+        covariance: torch.Tensor | None = None,
+        ridge: float = 1e-3,
     ) -> SVDLinear:
         """Factor a dense layer by its SVD, computed in float32 (or float64 if the weight is float64).
 
@@ -91,6 +95,13 @@ class SVDLinear(nn.Module):
                 full rank in the basis of ASVD, `W diag(a) = U diag(s) V^T`, and keep `a` as the buffer
                 `input_scale` (the layer computes `x diag(a)^-1 V diag(s) U^T`). `s` is then ASVD's spectrum, which
                 pruning ranks by. Not combined with `energy` or `max_rank`.
+            covariance (`torch.Tensor`, *optional*): The input second moment `C` (n x n, `input_covariances`):
+                factor at full rank in whitened coordinates (SVD-LLM, DRONE), `W C^(1/2) = U diag(s) V_w^T` with
+                `V = C^(-1/2) V_w`, so that `s_i^2` is the mean squared output error of dropping triplet `i` on the
+                calibration inputs. `U` is orthonormal, `V` is orthonormal in the metric of `C`. Not combined with
+                `energy`, `max_rank` or `input_scale`.
+            ridge (`float`, defaults to 1e-3): With `covariance`: `ridge * mean(diag C)` is added to its diagonal, so
+                a singular or ill-conditioned `C` gives finite factors.
 
         Returns:
             `SVDLinear` on the weight's device and dtype, computing the same function (up to float error) when
@@ -100,10 +111,15 @@ class SVDLinear(nn.Module):
         m, n = weight.shape
         full = min(m, n)
         keep = min(max_rank or full, full)
-        if input_scale is not None:
+        if input_scale is not None or covariance is not None:
             if energy is not None or max_rank is not None:
-                raise ValueError("input_scale factors at full rank: drop energy / max_rank (prune after training).")
+                raise ValueError("Data-aware factors are full rank: drop energy / max_rank (prune after training).")
+            if input_scale is not None and covariance is not None:
+                raise ValueError("Give input_scale (ASVD) or covariance (whitened), not both.")
+        if input_scale is not None:
             U, s, V, input_scale = _scaled_svd(weight, input_scale)
+        elif covariance is not None:
+            U, s, V = _whitened_svd(weight, covariance, ridge)
         else:
             U, s, V = _svd(weight, keep if energy is None else full)
         if energy is not None:
@@ -117,6 +133,7 @@ class SVDLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         if input_scale is not None:
             layer.input_scale = input_scale.to(weight.dtype)
+        layer.whitened = covariance is not None
         return layer
 
     def weight_V(self) -> torch.Tensor:
@@ -173,7 +190,8 @@ class SVDLinear(nn.Module):
         under gradient checkpointing (which runs after the sum) is never counted.
         """
         zero = torch.zeros((), device=self.s.device, dtype=torch.float32)
-        orth = orthogonality_loss(self.U, self.V, self.mask, self.orth_probes) if self.orth_enabled else zero
+        V = None if self.whitened else self.V
+        orth = orthogonality_loss(self.U, V, self.mask, self.orth_probes) if self.orth_enabled else zero
         sparsity = sparsity_loss(self.s, self.sparsity_kind, self.mask) if self.sparsity_kind else zero
         self.regularizer_terms.append((orth, sparsity))
 
@@ -233,6 +251,37 @@ def _scaled_svd(
     a = a.clamp_min(float(a.max()) * 1e-6)
     U, s, Vh = torch.linalg.svd(w * a, full_matrices=False)
     return U, s, Vh.T, a
+
+
+def whitening(covariance: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(Q, L)` with `C + ridge * mean(diag C) I = Q diag(L) Q^T`, in float64; every `L` is positive.
+
+    An all-zero `C` (a layer whose inputs were all zero) gives the identity, so factoring falls back to the plain
+    SVD; negative rounding noise in the eigenvalues is clamped to the ridge.
+    """
+    c = covariance.detach().to(torch.float64)
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError("The input covariance has NaN or inf entries: the calibration inputs overflowed.")
+    c = (c + c.T) / 2
+    floor = float(c.diagonal().mean()) * ridge
+    if not floor > 0:
+        return torch.eye(c.shape[0], dtype=torch.float64, device=c.device), torch.ones(c.shape[0], dtype=c.dtype)
+    L, Q = torch.linalg.eigh(c + floor * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
+    return Q, L.clamp_min(floor)
+
+
+def _whitened_svd(
+    weight: torch.Tensor, covariance: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(U, s, V)` with `W = U diag(s) V^T`, `U diag(s) V_w^T` the SVD of `W Q diag(L)^(1/2)`, `V = Q L^(-1/2) V_w`."""
+    w = weight.detach().double()
+    n = w.shape[1]
+    if covariance.shape != (n, n):
+        raise ValueError(f"covariance has shape {tuple(covariance.shape)}; this layer needs ({n}, {n}).")
+    Q, L = whitening(covariance.to(w.device), ridge)
+    root = L.sqrt()
+    U, s, Vh = torch.linalg.svd(w @ (Q * root), full_matrices=False)
+    return U, s, (Q / root) @ Vh.T
 
 
 def _svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -229,7 +229,13 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
 
     stage(f"4/5 pruning singular values ({how}) and fine-tuning {pipeline_args.finetune_steps} steps", args)
     if not in_svd_stage:  # a second energy cut would prune the already pruned spectra further
-        prune_(model, energy=how.get("energy"), budget=how.get("budget"), rank_multiple=config.prune_rank_multiple)
+        prune_(
+            model,
+            energy=how.get("energy"),
+            budget=how.get("budget"),
+            rank_multiple=config.prune_rank_multiple,
+            allocation=config.prune_allocation,
+        )
     summary["ranks"] = truncate_(model)
     summary["accuracy"]["pruned"] = _evaluate(SVDTrainer, setup, eval_args, teacher)
     if pipeline_args.finetune_steps:

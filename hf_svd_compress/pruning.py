@@ -9,22 +9,35 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .config import ALLOCATIONS
 from .cur import cur_layers, prune_cur_, truncate_cur_
 from .factorize import svd_layers
 from .layers import SVDLinear, energy_rank
 
 logger = logging.getLogger(__name__)
 
+# The one break-even rule of pruning, export, report and model card: a layer is kept as factors only while they hold
+# fewer than this fraction of its dense weights, `r (m + n) < BREAK_EVEN * m n`; past it the layer is stored (and
+# counted) dense. Measured in benchmarks/inference.py (`--break-even`; 12 shapes of BERT / MiniLM / DINOv2 layers,
+# 128 and 4096 tokens): the factored layer stops being faster at 0.9-1.0 of the parameter break-even rank for ranks
+# that are multiples of 8, and at 0.85-0.9 (128 tokens) or 0.6-0.85 (4096 tokens) for odd ranks.
+BREAK_EVEN = 0.9
 
-def layer_params(out_features: int, in_features: int, rank: int) -> int:
-    """Weight parameters a layer stores at `rank`: factored `r (m + n)`, or dense `m n` when that is smaller."""
-    return min(rank * (out_features + in_features), out_features * in_features)
+
+def factored(out_features: int, in_features: int, rank: int, break_even: float = BREAK_EVEN) -> bool:
+    """Whether a layer keeping `rank` singular values is stored as factors (below `break_even` of its weights)."""
+    return rank * (out_features + in_features) < break_even * out_features * in_features
+
+
+def layer_params(out_features: int, in_features: int, rank: int, break_even: float = BREAK_EVEN) -> int:
+    """Weight parameters a layer stores at `rank`: factored `r (m + n)` below the break-even, else dense `m n`."""
+    dense = out_features * in_features
+    return rank * (out_features + in_features) if factored(out_features, in_features, rank, break_even) else dense
 
 
 def worth_factoring(layer: SVDLinear, rank: int | None = None) -> bool:
-    """Whether keeping `rank` (default: the live rank) singular values stores fewer parameters than dense."""
-    rank = layer.rank if rank is None else rank
-    return rank * (layer.out_features + layer.in_features) < layer.out_features * layer.in_features
+    """Whether keeping `rank` (default: the live rank) singular values is stored as factors (`BREAK_EVEN`)."""
+    return factored(layer.out_features, layer.in_features, layer.rank if rank is None else rank)
 
 
 def live_spectra(layers: dict[str, SVDLinear]) -> dict[str, torch.Tensor]:
@@ -85,9 +98,45 @@ def budget_ranks(
     return best
 
 
+def greedy_ranks(layers: dict[str, SVDLinear], budget: float, rank_multiple: int = 1) -> dict[str, int]:
+    """Ranks that spend `budget` of the layers' dense parameters on the triplets of highest `s_i^2 / (m + n)`.
+
+    Triplets are taken in `rank_multiple` blocks, best block score first, while the budget allows: a layer costs
+    `r (m + n)` until its rank passes `BREAK_EVEN`, where it jumps to its dense `m n` and keeps every value (a
+    block whose cost no longer fits is skipped, smaller ones may still fit). With whitened factors
+    (`svd_factorize_(..., calibration=)`) `s_i^2` is the mean squared output error of dropping triplet `i`.
+    """
+    spectra = live_spectra(layers)
+    allowed = budget * sum(layer.out_features * layer.in_features for layer in layers.values())
+    # Every layer keeps its first block (at least one value), counted first.
+    ranks = {name: min(rank_multiple, s.numel()) for name, s in spectra.items()}
+    spent = sum(layer_params(layers[n].out_features, layers[n].in_features, r) for n, r in ranks.items())
+    blocks = []  # (mean score per parameter of the block, layer, rank with the block)
+    for name, s in spectra.items():
+        m, n = layers[name].out_features, layers[name].in_features
+        energy = s.double().square().sort(descending=True).values
+        for start in range(ranks[name], energy.numel(), rank_multiple):
+            stop = min(start + rank_multiple, energy.numel())
+            blocks.append((float(energy[start:stop].mean()) / (m + n), name, stop))
+    for _, name, rank in sorted(blocks, key=lambda b: -b[0]):
+        layer = layers[name]
+        if rank <= ranks[name]:  # the layer went dense already
+            continue
+        m, n = layer.out_features, layer.in_features
+        cost = layer_params(m, n, rank) - layer_params(m, n, ranks[name])
+        if spent + cost <= allowed:
+            spent += cost
+            ranks[name] = spectra[name].numel() if not factored(m, n, rank) else rank
+    return ranks
+
+
 @torch.no_grad()
 def prune_(
-    model: nn.Module, energy: float | None = None, budget: float | None = None, rank_multiple: int = 1
+    model: nn.Module,
+    energy: float | None = None,
+    budget: float | None = None,
+    rank_multiple: int = 1,
+    allocation: str = "greedy",
 ) -> dict[str, int]:
     """Mask the smallest singular values of every factored layer, in place (shapes unchanged, DDP-safe).
 
@@ -100,6 +149,9 @@ def prune_(
         rank_multiple (`int`, defaults to 1): Round each kept rank up to a multiple of this (8 makes the exported
             layers' GEMMs 35-50% faster on CPUs and fits GPU tensor cores; see docs/benchmarks.md). Under a budget
             the rounded ranks fit the budget; with energy they keep at least `energy`.
+        allocation (`str`, defaults to `"greedy"`): How a budget is shared (`ALLOCATIONS`): `"greedy"` keeps the
+            triplets of highest `s_i^2 / (m + n)` across all layers (`greedy_ranks`); `"threshold"` keeps the same
+            energy fraction in every layer (`budget_ranks`).
 
     Returns:
         `{module_name: rank}` of the live ranks after pruning. Already-masked values stay masked.
@@ -115,6 +167,8 @@ def prune_(
         raise ValueError(f"prune_(budget={budget!r}): budget must be in (0, 1), e.g. 0.5 keeps half the parameters.")
     if not (isinstance(rank_multiple, int) and not isinstance(rank_multiple, bool) and rank_multiple >= 1):
         raise ValueError(f"prune_(rank_multiple={rank_multiple!r}): use a positive integer, e.g. 8 (1: no rounding).")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"prune_(allocation={allocation!r}): use one of {ALLOCATIONS}.")
     layers, cur = svd_layers(model), cur_layers(model)
     if not layers and not cur:
         raise ValueError("prune_ found no SVDLinear or CURLinear layer: call svd_factorize_(model, config) first.")
@@ -122,6 +176,8 @@ def prune_(
         cur_ranks = prune_cur_(cur, energy, budget, rank_multiple) if cur else {}  # CUR layers: see cur.prune_cur_
         if energy is not None:
             ranks = energy_ranks(layers, energy, rank_multiple=rank_multiple)
+        elif allocation == "greedy":
+            ranks = greedy_ranks(layers, budget, rank_multiple=rank_multiple)
         else:
             ranks = budget_ranks(layers, budget, rank_multiple=rank_multiple)
         for name, layer in layers.items():

@@ -69,15 +69,17 @@ def gram_deviation_estimate(A: torch.Tensor, probes: int, mask: torch.Tensor | N
 
 
 def orthogonality_loss(
-    U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor | None = None, probes: int = 0
+    U: torch.Tensor, V: torch.Tensor | None, mask: torch.Tensor | None = None, probes: int = 0
 ) -> torch.Tensor:
     """`L_o(U) + L_o(V)` for one factored layer, in float32: exact, or estimated with `probes` > 0 random vectors.
 
-    The estimate is used only where it is cheaper (`2 probes < r`); otherwise the exact value is.
+    The estimate is used only where it is cheaper (`2 probes < r`); otherwise the exact value is. `V=None` gives
+    `L_o(U)` alone (whitened factors, whose `V` is orthonormal in the metric of the input covariance).
     """
+    factors = [U] if V is None else [U, V]
     if 0 < 2 * probes < U.shape[1]:
-        return gram_deviation_estimate(U, probes, mask) + gram_deviation_estimate(V, probes, mask)
-    return gram_deviation(U, mask) + gram_deviation(V, mask)
+        return sum(gram_deviation_estimate(A, probes, mask) for A in factors)
+    return sum(gram_deviation(A, mask) for A in factors)
 
 
 def l1(s: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,9 @@ def regularizer_totals(layers: Iterable[nn.Module], sparsity: str | None) -> tup
     """
     orth, sp = torch.zeros(()), torch.zeros(())
     for layer in layers:
-        orth = orth.to(layer.s.device) + orthogonality_loss(layer.U, layer.V, layer.mask)
+        orth = orth.to(layer.s.device) + orthogonality_loss(
+            layer.U, None if getattr(layer, "whitened", False) else layer.V, layer.mask
+        )
         if sparsity:
             sp = sp.to(layer.s.device) + sparsity_loss(layer.s, sparsity, layer.mask)
     return orth, sp

@@ -12,7 +12,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import SPARSITY_KINDS, SVDConfig
 from .cur import CURLinear, approximation_total, cur_layers
-from .distillation import distillation_loss
+from .distillation import distillation_loss, hidden_state_loss
 from .factorize import CONFIG_KEY, svd_layers
 from .pruning import prune_
 
@@ -63,6 +63,13 @@ class SVDTrainingArguments(TrainingArguments):
             "0.5 when SVDTrainer gets a teacher_model; the CLI and recipes use the dense model as teacher when set."
         },
     )
+    distill_hidden_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "With a teacher model: weight of the hidden-state loss, the mean over layers of "
+            "||h_student - h_teacher||^2 / ||h_teacher||^2 (TinyBERT-style), added to the loss. 0: logits only."
+        },
+    )
     distill_temperature: float = field(
         default=2.0, metadata={"help": "Temperature T of the distillation loss (softens both distributions)."}
     )
@@ -106,6 +113,8 @@ class SVDTrainingArguments(TrainingArguments):
             raise ValueError(f"--singular_value_lr_scale {self.singular_value_lr_scale}: must be > 0 (1 = no change).")
         if self.distill_alpha is not None and not 0 <= self.distill_alpha <= 1:
             raise ValueError(f"--distill_alpha {self.distill_alpha}: must be in [0, 1], e.g. 0.5 (0: none).")
+        if not self.distill_hidden_weight >= 0 or self.distill_hidden_weight == float("inf"):
+            raise ValueError(f"--distill_hidden_weight {self.distill_hidden_weight}: must be a finite number >= 0.")
         if not self.distill_temperature > 0:
             raise ValueError(f"--distill_temperature {self.distill_temperature}: must be > 0, e.g. 2.0.")
         if self.regularizer_interval < 1:
@@ -146,6 +155,7 @@ class SVDPruningCallback(TrainerCallback):
         budget (`float`, *optional*): Global parameter fraction kept (see `prune_`).
         rank_multiple (`int`, defaults to 1): Round the ranks up to a multiple of this (see `prune_`).
         start_step (`int`, *optional*): First step of gradual pruning (below `at_step`); unset: one cut.
+        allocation (`str`, defaults to `"greedy"`): How a budget is shared across layers (see `prune_`).
     """
 
     def __init__(
@@ -155,6 +165,7 @@ class SVDPruningCallback(TrainerCallback):
         budget: float | None = None,
         rank_multiple: int = 1,
         start_step: int | None = None,
+        allocation: str = "greedy",
     ) -> None:
         if start_step is not None and not 0 <= start_step < at_step:
             raise ValueError(f"start_step={start_step}: must be in [0, at_step={at_step}) for gradual pruning.")
@@ -164,7 +175,7 @@ class SVDPruningCallback(TrainerCallback):
                 "energy cuts would compound, each keeping a fraction of what the previous ones left."
             )
         self.at_step, self.energy, self.budget, self.rank_multiple = at_step, energy, budget, rank_multiple
-        self.start_step = start_step
+        self.start_step, self.allocation = start_step, allocation
         self.ranks: dict[str, int] | None = None
 
     def target(self, step: int) -> tuple[float | None, float | None]:
@@ -180,7 +191,9 @@ class SVDPruningCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         energy, budget = self.target(state.global_step)
         if model is not None and (energy is not None or budget is not None):
-            self.ranks = prune_(model, energy=energy, budget=budget, rank_multiple=self.rank_multiple)
+            self.ranks = prune_(
+                model, energy=energy, budget=budget, rank_multiple=self.rank_multiple, allocation=self.allocation
+            )
             logger.info("Pruned at step %d: ranks %s", state.global_step, self.ranks)
             control.should_log = True
         if state.global_step == self.at_step and optimizer is not None:
@@ -229,7 +242,7 @@ class SVDTrainer(Trainer):
         # the accumulation steps (and scale by the process count). Treat such a loss as a per-batch mean.
         self.model_accepts_loss_kwargs = self.model_accepts_loss_kwargs and _loss_uses_num_items(self.model)
         self._metrics: dict[str, list[torch.Tensor]] = {
-            name: [] for name in ("orth_loss", "sparsity_loss", "approx_loss", "distill_loss")
+            name: [] for name in ("orth_loss", "sparsity_loss", "approx_loss", "distill_loss", "distill_hidden_loss")
         }
         prune_at = getattr(self.args, "prune_at_step", None)
         if getattr(self.args, "prune_start_step", None) is not None and not prune_at:
@@ -241,7 +254,8 @@ class SVDTrainer(Trainer):
             energy, budget = self._pruning_target()
             multiple = _first_set(getattr(self.args, "prune_rank_multiple", None), self.svd_config.prune_rank_multiple)
             start = getattr(self.args, "prune_start_step", None)
-            pruning = SVDPruningCallback(prune_at, energy, budget, rank_multiple=multiple, start_step=start)
+            allocation = self.svd_config.prune_allocation
+            pruning = SVDPruningCallback(prune_at, energy, budget, multiple, start, allocation)
             self.add_callback(pruning)
 
     def create_optimizer(self, model=None):
@@ -278,15 +292,22 @@ class SVDTrainer(Trainer):
             layer.orth_probes = probes
             layer.sparsity_kind = kind if record else None
         distill = bool(model.training and self.teacher_model is not None and self.distill_alpha)
-        labels = inputs.get("labels")
-        teacher_logits = self._teacher_logits(inputs) if distill else None  # before the Trainer may pop labels
+        hidden_w = float(getattr(self.args, "distill_hidden_weight", 0.0)) if distill else 0.0
+        labels, mask = inputs.get("labels"), inputs.get("attention_mask")
+        teacher = self._teacher_outputs(inputs, bool(hidden_w)) if distill else None  # before labels may be popped
+        if hidden_w:
+            inputs = {**inputs, "output_hidden_states": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if distill:
             temperature = getattr(self.args, "distill_temperature", 2.0)
-            kd = distillation_loss(_logits(outputs), teacher_logits, temperature, labels)
+            kd = distillation_loss(_logits(outputs), _logits(teacher), temperature, labels)
             kd_scale = self.distill_alpha * self._regularizer_scale(num_items_in_batch)
             loss = (1 - self.distill_alpha) * loss + (kd_scale * kd).to(loss.dtype)
             self._metrics["distill_loss"].append(kd.detach())
+        if hidden_w:
+            hidden = hidden_state_loss(outputs["hidden_states"], teacher["hidden_states"], mask)
+            loss = loss + (hidden_w * self._regularizer_scale(num_items_in_batch) * hidden).to(loss.dtype)
+            self._metrics["distill_hidden_loss"].append(hidden.detach())
         if not (approx_layers or record):  # evaluation, or a step without regularizers
             return (loss, outputs) if return_outputs else loss
         scale = interval * self._regularizer_scale(num_items_in_batch)
@@ -331,9 +352,11 @@ class SVDTrainer(Trainer):
         return teacher.to(self.args.device), 0.5 if alpha is None else float(alpha)
 
     @torch.no_grad()
-    def _teacher_logits(self, inputs: dict) -> torch.Tensor:
+    def _teacher_outputs(self, inputs: dict, hidden: bool) -> dict:
         teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        return _logits(self.teacher_model(**teacher_inputs))
+        if hidden:
+            teacher_inputs["output_hidden_states"] = True
+        return self.teacher_model(**teacher_inputs)
 
     def _set_approximation(self, enabled: bool) -> list[CURLinear]:
         """Switch the CUR approximation term on (for layers still computing their dense function) or off."""
