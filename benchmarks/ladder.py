@@ -290,7 +290,7 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """Markdown: mean ± sd over seeds per (method, budget), and the defaults' paired difference to the best baseline."""
+    """Markdown: mean ± sd over seeds per (method, budget); the defaults minus the best baseline, paired by seed."""
     dense = next((r for r in results if r["method"] == "dense"), None)
     budgets = sorted({r["budget"] for r in results if r["method"] != "dense"}, reverse=True)
     by: dict[tuple[str, float], dict[int, float]] = {}
