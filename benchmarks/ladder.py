@@ -17,7 +17,7 @@ learning-rate schedule:
   + fine-tuning;
 - `whitened_global_ft` the same with the greedy loss-per-parameter budget (`allocation="greedy"`);
 - `whitened_global_kd` + distillation;
-- `default` the library's defaults: `compress(model, train, args, CompressionArguments(budget=b))` (whitened, greedy,
+- `default` the library's defaults: `compress(model, train, args, budget=b)` (whitened, greedy,
   gradual pruning while training, distillation);
 - `default_reg` (ablation) the defaults plus the SVD-training regularizers (orthogonality 0.1, Hoyer 1e-2 with `s`
   at 100x the learning rate until the budget is reached).
@@ -47,7 +47,6 @@ from transformers import PrinterCallback, TrainerCallback
 
 from hf_svd_compress import (
     CalibrationData,
-    CompressionArguments,
     SVDConfig,
     SVDTrainer,
     SVDTrainingArguments,
@@ -243,9 +242,18 @@ class Ladder:
         args = training_args(s, self.steps, seed, **extra)
         # compress reads the regularizer settings from the config (the training arguments' are unset).
         args.orth_weight, args.sparsity = None, None
-        compression = CompressionArguments(budget=budget, calibration_batches=s.calib_batches)
         losses: dict[str, Any] = {}
-        compress(model, setup.train_dataset, args, compression, config, setup.data_collator, callbacks=[_Loss(losses)])
+        data = setup.train_dataset
+        compress(
+            model,
+            data,
+            args,
+            budget,
+            config,
+            setup.data_collator,
+            calibration_batches=s.calib_batches,
+            callbacks=[_Loss(losses)],
+        )
         return model, losses
 
     def _default_reg(self, budget: float, seed: int) -> tuple:

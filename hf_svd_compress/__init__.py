@@ -1,7 +1,7 @@
 """hf_svd_compress: compress Hugging Face Transformers models by SVD training."""
 
 from .calibration import CalibrationData, activation_scales, input_covariances
-from .compress import CompressionArguments, compress, compress_config
+from .compress import compress, compress_config
 from .config import DEFAULT_TARGET_MODULES, SVDConfig
 from .conv import SVDConv2d
 from .cur import CompactCURLinear, CURLinear, cur_layers
@@ -29,7 +29,6 @@ __all__ = [
     "activation_scales",
     "CalibrationData",
     "input_covariances",
-    "CompressionArguments",
     "compress",
     "compress_config",
     "CompressedFormatError",

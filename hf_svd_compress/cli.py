@@ -27,8 +27,7 @@ from .trainer import SVDTrainingArguments
 COMPRESS_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/minilm-bbc",
     "dense_steps": 100,
-    "svd_steps": 100,
-    "finetune_steps": 60,
+    "svd_steps": 150,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 64,
     "learning_rate": 1e-4,
@@ -36,10 +35,7 @@ COMPRESS_DEFAULTS: dict[str, Any] = {
     "logging_steps": 20,
     "save_strategy": "no",
     "report_to": "none",
-    "prune_energy": 0.9,
-    # From the quality benchmark's sweep (docs/benchmarks.md): Hoyer 1e-2 with s at 1000x the learning rate.
-    "sparsity_weight": 1e-2,
-    "singular_value_lr_scale": 1000.0,
+    "prune_budget": 0.5,
 }
 
 

@@ -4,8 +4,8 @@
 2. Factor every target at full rank in whitened coordinates (`svd_factorize_(..., calibration=)`), so `s_i^2` is
    the output error of dropping triplet `i`.
 3. One `SVDTrainer` run, one learning-rate schedule: distillation from the dense model (logits and hidden states),
-   gradual pruning to the budget by the greedy loss-per-parameter allocation from `prune_start` to `prune_end` of
-   the steps, then the pruned model trains on to the last step.
+   gradual pruning to the budget by the greedy loss-per-parameter allocation from 20% to 60% of the steps, then the
+   pruned model trains on to the last step.
 4. Truncate: the model that comes back holds only the kept singular triplets.
 
 docs/benchmarks.md measures each part (the ladder) against truncated SVD, ASVD and whitened SVD with fine-tuning.
@@ -16,114 +16,92 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from .calibration import CalibrationData
+from .calibration import CalibrationData, activation_scales
 from .config import SVDConfig
 from .factorize import svd_factorize_
 from .pruning import truncate_
 from .trainer import SVDTrainer, SVDTrainingArguments
 
-
-@dataclass
-class CompressionArguments:
-    """What `compress` does beyond the training loop (which `SVDTrainingArguments` sets).
-
-    Args:
-        budget (`float`, defaults to 0.5): Fraction of the target layers' dense parameters kept, in (0, 1).
-        calibration_batches (`int`, defaults to 64): Training batches whose inputs set the whitened factors.
-        prune_start (`float`, defaults to 0.2): Fraction of the steps where gradual pruning starts.
-        prune_end (`float`, defaults to 0.6): Fraction of the steps where it reaches the budget; the pruned model
-            trains for the rest (with one schedule, no restart).
-        distill_alpha (`float`, defaults to 0.5): Weight of the logit distillation from the dense model (0: no
-            teacher; the teacher is a frozen copy of the dense model, one model's memory more).
-        distill_hidden_weight (`float`, defaults to 1.0): Weight of the hidden-state distillation.
-    """
-
-    budget: float = field(default=0.5, metadata={"help": "Fraction of the target layers' parameters kept."})
-    calibration_batches: int = field(
-        default=64, metadata={"help": "Training batches whose inputs set the whitened factors."}
-    )
-    prune_start: float = field(default=0.2, metadata={"help": "Fraction of the steps where gradual pruning starts."})
-    prune_end: float = field(default=0.6, metadata={"help": "Fraction of the steps where the budget is reached."})
-    distill_alpha: float = field(default=0.5, metadata={"help": "Logit distillation weight from the dense model."})
-    distill_hidden_weight: float = field(default=1.0, metadata={"help": "Hidden-state distillation weight."})
-
-    def __post_init__(self) -> None:
-        _check_number("budget", self.budget, 0, 1, closed_right=False)
-        if not (isinstance(self.calibration_batches, int) and self.calibration_batches >= 1):
-            raise ValueError(f"calibration_batches={self.calibration_batches!r}: must be a positive integer.")
-        _check_number("prune_start", self.prune_start, 0, 1, closed_left=True)
-        _check_number("prune_end", self.prune_end, 0, 1)
-        if not self.prune_start < self.prune_end:
-            raise ValueError(
-                f"prune_start={self.prune_start} must be below prune_end={self.prune_end}: pruning runs from the "
-                "first to the second fraction of the steps."
-            )
-        _check_number("distill_alpha", self.distill_alpha, 0, 1, closed_left=True)
-        _check_number("distill_hidden_weight", self.distill_hidden_weight, 0, float("inf"), closed_left=True)
-
-    def pruning_steps(self, steps: int) -> tuple[int, int]:
-        """`(prune_start_step, prune_at_step)` of a run of `steps` optimizer steps."""
-        at = max(2, round(self.prune_end * steps))
-        return min(at - 1, round(self.prune_start * steps)), at
+INITS = ("whitened", "asvd", "svd")
+# Where gradual pruning starts and reaches the budget, as fractions of the run, unless the arguments set the steps.
+PRUNE_START, PRUNE_END = 0.2, 0.6
+DEFAULT_BUDGET = 0.5
 
 
 def compress(
     model: nn.Module,
     train_dataset: Any,
     args: SVDTrainingArguments,
-    compression: CompressionArguments | None = None,
+    budget: float | None = None,
     config: SVDConfig | None = None,
     data_collator: Callable | None = None,
+    init: str = "whitened",
+    calibration_batches: int = 64,
+    truncate: bool = True,
     **trainer_kwargs: Any,
 ) -> nn.Module:
-    """Compress `model` to `compression.budget` of its target layers' parameters, in place, and return it.
+    """Compress `model` to `budget` of its target layers' parameters, in place, and return it.
 
     Args:
         model (`nn.Module`): A dense task model (fine-tuned on the task, or not); it is factored, trained, pruned
             and truncated in place.
         train_dataset: The training examples (their first batches also calibrate the factors).
         args (`SVDTrainingArguments`): The training loop: `max_steps` (at least 10), learning rate, batch size,
-            output_dir, seed. Its pruning and distillation fields are set from `compression`; its regularizer
-            fields (`orth_weight`, `sparsity`) apply as in `SVDTrainer`.
-        compression (`CompressionArguments`, *optional*): Budget, calibration, pruning schedule, distillation.
+            output_dir, seed. Unless set, gradual pruning runs from 20% (`prune_start_step`) to 60% of the steps
+            (`prune_at_step`), where it reaches the budget; `distill_alpha` 0 turns the teacher off (default 0.5,
+            with `distill_hidden_weight` 1.0); the regularizer fields override `config`'s, as in `SVDTrainer`.
+        budget (`float`, *optional*): Fraction of the target layers' dense parameters kept, in (0, 1); default
+            `args.prune_budget`, else 0.5.
         config (`SVDConfig`, *optional*): The targets and regularizers; defaults to `compress_config()`.
         data_collator (`Callable`, *optional*): Batches examples (the padding collator of a text task).
+        init (`str`, defaults to `"whitened"`): The factors training starts from: `"whitened"` (SVD-LLM, from the
+            input covariances of `calibration_batches` training batches), `"asvd"` (ASVD's activation scales) or
+            `"svd"` (the plain SVD of the weights).
+        calibration_batches (`int`, defaults to 64): Training batches of `args.per_device_train_batch_size` that
+            calibrate a data-aware `init`.
+        truncate (`bool`, defaults to `True`): Slice the pruned triplets off at the end; `False` leaves them masked
+            (a model `prune_` can prune further, e.g. to save with `save_pretrained`).
         **trainer_kwargs: Passed to `SVDTrainer` (`eval_dataset`, `processing_class`, `compute_metrics`, ...).
 
     Returns:
-        The compressed model (`SVDLinear` layers truncated to their kept ranks); save it with `save_compressed`.
+        The compressed model (`SVDLinear` layers at their kept ranks); save it with `save_compressed`.
 
     Raises:
-        `ValueError`: bad arguments, no calibration data, or batches the model does not accept, before the model
-            is changed.
+        `ValueError`: bad arguments, no training data, or calibration batches the model does not accept, all before
+            the model is changed.
     """
-    compression = compression or CompressionArguments()
     config = config or compress_config()
+    budget = _first_set(budget, args.prune_budget, DEFAULT_BUDGET)
+    if not (isinstance(budget, int | float) and not isinstance(budget, bool) and 0 < budget < 1):
+        raise ValueError(f"compress(budget={budget!r}): must be in (0, 1), e.g. 0.5 keeps half the parameters.")
+    if init not in INITS:
+        raise ValueError(f"compress(init={init!r}): use one of {INITS}.")
     if not (isinstance(args.max_steps, int) and args.max_steps >= 10):
         raise ValueError(
             f"compress needs args.max_steps >= 10 (got {args.max_steps}): it prunes gradually over the run; e.g. 150."
         )
-    if len(train_dataset) == 0:
-        raise ValueError("compress got an empty train_dataset: it trains and calibrates on it.")
-    start, at = compression.pruning_steps(args.max_steps)
-    run_args = dataclasses.replace(
-        args,
-        prune_start_step=start,
-        prune_at_step=at,
-        prune_budget=compression.budget,
-        prune_energy=None,
-        distill_alpha=compression.distill_alpha,
-        distill_hidden_weight=compression.distill_hidden_weight,
-    )
-    teacher = copy.deepcopy(model).eval() if compression.distill_alpha or compression.distill_hidden_weight else None
-    batch = args.per_device_train_batch_size
-    calibration = CalibrationData(train_dataset, data_collator, batch, compression.calibration_batches)
-    svd_factorize_(model, config, calibration=calibration)
+    if train_dataset is None or len(train_dataset) == 0:
+        raise ValueError("compress got no training examples: it trains (and calibrates) on train_dataset.")
+    if args.prune_energy is not None:
+        raise ValueError(
+            f"compress prunes to a budget, not to an energy (prune_energy={args.prune_energy}): set budget (or "
+            "prune_budget), or prune a saved factored model by energy with `hf-svd-compress prune --energy`."
+        )
+    run_args = dataclasses.replace(args, prune_budget=budget, **_schedule(args))
+    teacher = copy.deepcopy(model).eval() if run_args.distill_alpha != 0 else None
+    if init == "whitened":
+        data = CalibrationData(train_dataset, data_collator, args.per_device_train_batch_size, calibration_batches)
+        svd_factorize_(model, config, calibration=data)
+    elif init == "asvd":
+        batch = args.per_device_train_batch_size
+        scales = activation_scales(model, train_dataset, config, data_collator, batch, calibration_batches)
+        svd_factorize_(model, config, input_scales=scales)
+    else:
+        svd_factorize_(model, config)
     trainer = SVDTrainer(
         model=model,
         args=run_args,
@@ -133,8 +111,22 @@ def compress(
         **trainer_kwargs,
     )
     trainer.train()
-    truncate_(model)
+    if truncate:
+        truncate_(model)
     return model
+
+
+def _schedule(args: SVDTrainingArguments) -> dict[str, Any]:
+    """The pruning steps: the arguments' own, else gradual from `PRUNE_START` to `PRUNE_END` of the run."""
+    if args.prune_at_step is not None:
+        return {}
+    at = max(2, round(PRUNE_END * args.max_steps))
+    start = args.prune_start_step if args.prune_start_step is not None else round(PRUNE_START * args.max_steps)
+    return {"prune_at_step": at, "prune_start_step": min(start, at - 1)}
+
+
+def _first_set(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 
 
 def compress_config(**overrides: Any) -> SVDConfig:
@@ -146,15 +138,3 @@ def compress_config(**overrides: Any) -> SVDConfig:
     """
     settings = {"orth_weight": 0.0, "sparsity": None, "prune_allocation": "greedy", **overrides}
     return SVDConfig(**settings)
-
-
-def _check_number(
-    name: str, value: Any, low: float, high: float, closed_left: bool = False, closed_right: bool = True
-) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = ok and (value >= low if closed_left else value > low) and (value <= high if closed_right else value < high)
-    if not ok or value != value or value == float("inf"):
-        left, right = "[" if closed_left else "(", "]" if closed_right else ")"
-        raise ValueError(
-            f"CompressionArguments.{name}={value!r}: must be a finite number in {left}{low}, {high}{right}."
-        )

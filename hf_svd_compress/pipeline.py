@@ -6,7 +6,6 @@ metrics) comes in as a `TaskSetup`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import json
@@ -18,13 +17,13 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .calibration import activation_scales
+from .compress import DEFAULT_BUDGET, INITS, compress, compress_config
 from .config import SVDConfig
 from .export import _holds_model, save_compressed
-from .factorize import svd_factorize_, svd_layers
-from .pruning import prune_, truncate_
+from .factorize import svd_layers
+from .pruning import truncate_
 from .trainer import SVDTrainer, SVDTrainingArguments
 
 SUMMARY_FILE = "compression_summary.json"
@@ -36,8 +35,16 @@ class PipelineArguments:
     """Stages of the pipeline and what to factor; the training settings come from `SVDTrainingArguments`."""
 
     dense_steps: int = field(default=0, metadata={"help": "Dense fine-tuning steps before factoring (0 skips)."})
-    svd_steps: int = field(default=100, metadata={"help": "Steps of SVD training with the regularizers."})
-    finetune_steps: int = field(default=50, metadata={"help": "Fine-tuning steps after pruning (sparsity off)."})
+    svd_steps: int = field(
+        default=150,
+        metadata={
+            "help": "Steps of SVD training (compress): whitened factors, distillation, gradual pruning to the budget "
+            "from 20% to 60% of the steps (--prune_start_step / --prune_at_step), then the pruned model trains on."
+        },
+    )
+    finetune_steps: int = field(
+        default=0, metadata={"help": "Extra fine-tuning steps after compress, in a new schedule (0: none)."}
+    )
     target_modules: str | None = field(
         default=None,
         metadata={
@@ -51,11 +58,11 @@ class PipelineArguments:
     overwrite_export: bool = field(
         default=False, metadata={"help": "Replace a model already in export_dir (refused otherwise)."}
     )
-    data_aware_init: bool = field(
-        default=False,
+    init: str = field(
+        default="whitened",
         metadata={
-            "help": "Start SVD training from data-aware factors (ASVD's basis, from the inputs of "
-            "calibration_batches training batches) instead of the plain SVD."
+            "help": "Factors SVD training starts from: 'whitened' (SVD-LLM, from the input covariances of "
+            "calibration_batches training batches), 'asvd' (ASVD's activation scales) or 'svd' (plain SVD)."
         },
     )
     calibration_batches: int = field(
@@ -63,7 +70,7 @@ class PipelineArguments:
     )
     finetune_lr_scale: float = field(
         default=1.0,
-        metadata={"help": "Learning rate of the fine-tuning stage, as a multiple of --learning_rate."},
+        metadata={"help": "Learning rate of the extra fine-tuning stage, as a multiple of --learning_rate."},
     )
 
     def __post_init__(self) -> None:
@@ -74,6 +81,10 @@ class PipelineArguments:
             raise ValueError(f"--calibration_batches {self.calibration_batches}: must be >= 1.")
         if not self.finetune_lr_scale > 0:
             raise ValueError(f"--finetune_lr_scale {self.finetune_lr_scale}: must be > 0.")
+        if self.init not in INITS:
+            raise ValueError(f"--init {self.init!r}: use one of {INITS}.")
+        if self.svd_steps < 10:
+            raise ValueError(f"--svd_steps {self.svd_steps}: must be >= 10 (it prunes gradually), e.g. 150.")
 
     def svd_config(self, args: SVDTrainingArguments) -> SVDConfig:
         """The `SVDConfig` for these targets and the regularizer/pruning settings in `args`."""
@@ -87,15 +98,10 @@ class PipelineArguments:
             "orth_probes": args.orth_probes,
             "sparsity": None if args.sparsity == "none" else args.sparsity,
             "sparsity_weight": args.sparsity_weight,
-            "prune_energy": args.prune_energy,
-            "prune_budget": args.prune_budget,
+            "prune_budget": args.prune_budget or DEFAULT_BUDGET,
             "prune_rank_multiple": args.prune_rank_multiple,
         }
-        defaults = dataclasses.asdict(SVDConfig())
-        return SVDConfig(
-            target_modules=targets,
-            **{k: (defaults[k] if v is None and k != "sparsity" else v) for k, v in settings.items()},
-        )
+        return compress_config(target_modules=targets, **{k: v for k, v in settings.items() if v is not None})
 
 
 @dataclass
@@ -159,25 +165,25 @@ def check_unsharded(args: TrainingArguments) -> None:
         )
 
 
-def check_gradual(pipeline_args: PipelineArguments, args: SVDTrainingArguments, config: SVDConfig) -> None:
-    """Refuse, before any training, a gradual-pruning start or a pruning step outside the SVD stage, or gradual
-    pruning without a budget."""
+def check_schedule(pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> None:
+    """Refuse, before any training, pruning steps outside the SVD stage or an energy target."""
     start, at, steps = args.prune_start_step, args.prune_at_step, pipeline_args.svd_steps
+    if args.prune_energy is not None:
+        raise ValueError(
+            f"--prune_energy {args.prune_energy}: the pipeline prunes to a parameter budget (--prune_budget, default "
+            f"{DEFAULT_BUDGET}); to prune by energy, run `hf-svd-compress prune <output_dir>/factored --energy "
+            f"{args.prune_energy}` on its factored model."
+        )
     if at is not None and not 1 <= at <= steps:
         raise ValueError(
             f"--prune_at_step {at}: in the pipeline it is a step of the SVD stage ({steps} steps, --svd_steps), "
             f"where pruning reaches its target; use 1 to {steps}, e.g. {max(1, 3 * steps // 5)}."
         )
-    if start is not None and not config.prune_budget:
+    last = at if at is not None else max(2, round(0.6 * steps))
+    if start is not None and not start < last:
         raise ValueError(
-            f"--prune_start_step {start} prunes gradually, which needs a budget target: add --prune_budget (e.g. "
-            "0.5); an energy target would compound over the cuts."
-        )
-    if start is not None and not start < steps:
-        raise ValueError(
-            f"--prune_start_step {start}: the SVD stage has {steps} steps (--svd_steps) and prunes gradually from "
-            f"prune_start_step to --prune_at_step (default: its last step); use a start below {steps}, e.g. "
-            f"{steps // 5}."
+            f"--prune_start_step {start}: gradual pruning runs from prune_start_step to --prune_at_step ({last}); use "
+            f"a start below {last}, e.g. {steps // 5}."
         )
 
 
@@ -186,58 +192,46 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     check_unsharded(args)
     export_dir = check_export_dir(pipeline_args, args)
     config = pipeline_args.svd_config(args)
-    check_gradual(pipeline_args, args, config)
+    check_schedule(pipeline_args, args)
     model, summary = setup.model, {"accuracy": {}, "base_model": setup.base_model, "task": setup.task}
     start = time.perf_counter()
 
     if pipeline_args.dense_steps:
-        stage(f"1/5 dense fine-tuning for {pipeline_args.dense_steps} steps", args)
+        stage(f"1/4 dense fine-tuning for {pipeline_args.dense_steps} steps", args)
         _train(Trainer, setup, _stage_args(args, pipeline_args.dense_steps, "dense"))
     eval_args = _stage_args(args, args.max_steps, "eval")  # no pruning fields: evaluation only
     summary["accuracy"]["dense"] = _evaluate(Trainer, setup, eval_args)
     summary["parameters_dense"] = sum(p.numel() for p in model.parameters())
-    # With distillation the dense model, as it is now, teaches the factored one in the SVD and fine-tuning stages.
-    teacher = copy.deepcopy(model).eval() if args.distill_alpha else None
 
-    scales = None
-    if pipeline_args.data_aware_init:  # the same first batches on every process: the same factors everywhere
-        batch = args.per_device_train_batch_size
-        scales = activation_scales(
-            model, setup.train_dataset, config, setup.data_collator, batch, pipeline_args.calibration_batches
-        )
-    stage(f"2/5 factoring the target layers (full-rank {'data-aware ' if scales else ''}SVD)", args)
-    svd_factorize_(model, config, input_scales=scales)
-    summary["spectra_initial"] = _spectra(model)
-
-    how = {"method": "budget", "budget": config.prune_budget} if config.prune_budget else None
-    how = how or {"method": "energy", "energy": config.prune_energy}
+    how = {"method": "budget", "budget": config.prune_budget, "allocation": config.prune_allocation}
     if config.prune_rank_multiple > 1:
         how["rank_multiple"] = config.prune_rank_multiple
-    # The SVD stage itself prunes (gradually from prune_start_step, or once) up to prune_at_step, by default its
-    # last step; after that step it trains the pruned model with the sparsity term off.
-    in_svd_stage = args.prune_start_step is not None or args.prune_at_step is not None
-    if args.prune_start_step is not None:
-        how["gradual_from_step"] = args.prune_start_step
-    if args.prune_at_step is not None:
-        how["at_svd_step"] = args.prune_at_step
-    svd_overrides = _svd_stage_pruning(args, pipeline_args, config) if in_svd_stage else {}
-    stage(f"3/5 SVD training with regularizers for {pipeline_args.svd_steps} steps", args)
-    _train(SVDTrainer, setup, _stage_args(args, pipeline_args.svd_steps, "svd", **svd_overrides), teacher)
-    summary["spectra_trained"] = _spectra(model)
+    steps, budget = pipeline_args.svd_steps, config.prune_budget
+    stage(f"2/4 SVD training from {pipeline_args.init} factors, pruning to {budget:g}, for {steps} steps", args)
+    spectra = _Spectra()
+    pruning = {"prune_at_step": args.prune_at_step, "prune_start_step": args.prune_start_step}
+    compress(
+        model,
+        setup.train_dataset,
+        _stage_args(args, steps, "svd", distill_alpha=args.distill_alpha, **pruning),
+        config=config,
+        data_collator=setup.data_collator,
+        init=pipeline_args.init,
+        calibration_batches=pipeline_args.calibration_batches,
+        truncate=False,
+        eval_dataset=setup.eval_dataset,
+        processing_class=setup.processing_class,
+        compute_metrics=setup.compute_metrics,
+        callbacks=[spectra],
+    )
+    summary["spectra_initial"], summary["spectra_trained"] = spectra.initial, _spectra(model)
     _save_factored(setup, Path(args.output_dir) / "factored", args)
-    summary["accuracy"]["factored"] = _evaluate(SVDTrainer, setup, eval_args, teacher)
-
-    stage(f"4/5 pruning singular values ({how}) and fine-tuning {pipeline_args.finetune_steps} steps", args)
-    if not in_svd_stage:  # a second energy cut would prune the already pruned spectra further
-        prune_(
-            model,
-            energy=how.get("energy"),
-            budget=how.get("budget"),
-            rank_multiple=config.prune_rank_multiple,
-            allocation=config.prune_allocation,
-        )
+    summary["accuracy"]["factored"] = _evaluate(SVDTrainer, setup, eval_args)
     summary["ranks"] = truncate_(model)
-    summary["accuracy"]["pruned"] = _evaluate(SVDTrainer, setup, eval_args, teacher)
+    summary["accuracy"]["pruned"] = summary["accuracy"]["factored"]  # the masks were the cut: the same function
+
+    stage(f"3/4 fine-tuning for {pipeline_args.finetune_steps} more steps", args)
+    summary["accuracy"]["compressed"] = summary["accuracy"]["pruned"]
     if pipeline_args.finetune_steps:
         ft_args = _stage_args(
             args,
@@ -247,11 +241,11 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
             singular_value_lr_scale=1.0,
             learning_rate=args.learning_rate * pipeline_args.finetune_lr_scale,
         )
-        _train(SVDTrainer, setup, ft_args, teacher)
-    summary["accuracy"]["compressed"] = _evaluate(SVDTrainer, setup, eval_args, teacher)
+        _train(SVDTrainer, setup, ft_args)
+        summary["accuracy"]["compressed"] = _evaluate(SVDTrainer, setup, eval_args)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
 
-    stage(f"5/5 exporting to {export_dir}", args)
+    stage(f"4/4 exporting to {export_dir}", args)
     if args.process_index == 0:
         save_compressed(
             model,
@@ -266,16 +260,15 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     return summary
 
 
-def _svd_stage_pruning(args: SVDTrainingArguments, pipeline_args: PipelineArguments, config: SVDConfig) -> dict:
-    """Stage-3 arguments that prune (gradually from `args.prune_start_step`, or once) up to `args.prune_at_step`,
-    by default the SVD stage's last step."""
-    return {
-        "prune_start_step": args.prune_start_step,
-        "prune_at_step": args.prune_at_step or pipeline_args.svd_steps,
-        "prune_energy": None if config.prune_budget else config.prune_energy,
-        "prune_budget": config.prune_budget,
-        "prune_rank_multiple": config.prune_rank_multiple,
-    }
+class _Spectra(TrainerCallback):
+    """The singular values of the factored model as training starts (after factoring, before any cut)."""
+
+    def __init__(self) -> None:
+        self.initial: dict[str, list[float]] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.initial = _spectra(model)
 
 
 def _save_factored(setup: TaskSetup, folder: Path, args: TrainingArguments) -> None:
@@ -291,19 +284,15 @@ def _stage_args(args: SVDTrainingArguments, steps: int, name: str, **overrides) 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     # The pipeline prunes between stages itself, so no stage prunes during training.
     values.update(max_steps=steps, output_dir=str(Path(args.output_dir) / name), prune_at_step=None)
-    values.update({"prune_start_step": None, **overrides})
+    values.update({"prune_start_step": None, "distill_alpha": 0.0, **overrides})
     return type(args)(**values)
 
 
-def _train(trainer_cls, setup: TaskSetup, args: TrainingArguments, teacher: torch.nn.Module | None = None) -> None:
-    trainer = _trainer(trainer_cls, setup, args, teacher)
-    trainer.train()
+def _train(trainer_cls, setup: TaskSetup, args: TrainingArguments) -> None:
+    _trainer(trainer_cls, setup, args).train()
 
 
-def _trainer(
-    trainer_cls, setup: TaskSetup, args: TrainingArguments, teacher: torch.nn.Module | None = None
-) -> Trainer:
-    extra = {"teacher_model": teacher} if trainer_cls is SVDTrainer else {}
+def _trainer(trainer_cls, setup: TaskSetup, args: TrainingArguments) -> Trainer:
     return trainer_cls(
         model=setup.model,
         args=args,
@@ -312,16 +301,12 @@ def _trainer(
         data_collator=setup.data_collator,
         processing_class=setup.processing_class,
         compute_metrics=setup.compute_metrics,
-        **extra,
     )
 
 
-def _evaluate(
-    trainer_cls, setup: TaskSetup, args: TrainingArguments, teacher: torch.nn.Module | None = None
-) -> dict[str, float]:
-    """Validation (and test, if given) metrics of the model as it is now (a teacher only satisfies the trainer's
-    distillation check: evaluation reports the task loss)."""
-    trainer = _trainer(trainer_cls, setup, args, teacher)
+def _evaluate(trainer_cls, setup: TaskSetup, args: TrainingArguments) -> dict[str, float]:
+    """Validation (and test, if given) metrics of the model as it is now."""
+    trainer = _trainer(trainer_cls, setup, args)
     results = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items() if "accuracy" in k or "f1" in k}
     if setup.test_dataset is not None:
         test = trainer.evaluate(setup.test_dataset, metric_key_prefix="test")

@@ -111,6 +111,11 @@ def greedy_ranks(layers: dict[str, SVDLinear], budget: float, rank_multiple: int
     # Every layer keeps its first block (at least one value), counted first.
     ranks = {name: min(rank_multiple, s.numel()) for name, s in spectra.items()}
     spent = sum(layer_params(layers[n].out_features, layers[n].in_features, r) for n, r in ranks.items())
+    if spent > allowed and rank_multiple > 1:
+        logger.warning("Budget %.3f is too small for ranks in multiples of %d; not rounding.", budget, rank_multiple)
+        return greedy_ranks(layers, budget)
+    if spent > allowed:
+        logger.warning("Budget %.3f is below one singular value per layer; keeping rank 1 everywhere.", budget)
     blocks = []  # (mean score per parameter of the block, layer, rank with the block)
     for name, s in spectra.items():
         m, n = layers[name].out_features, layers[name].in_features

