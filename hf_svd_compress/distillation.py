@@ -56,7 +56,8 @@ def hidden_state_loss(
     teacher_hidden: tuple[torch.Tensor, ...],
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over layers of `||h_s - h_t||^2 / ||h_t||^2` (TinyBERT-style, no projection: same depth and width).
+    """Mean over layers and positions of `||h_s - h_t||^2 / ||h_t||^2` per position (TinyBERT-style, no projection:
+    the student has the teacher's depth and width).
 
     Args:
         student_hidden (`tuple[torch.Tensor, ...]`): The student's `hidden_states` (`output_hidden_states=True`),
@@ -65,7 +66,8 @@ def hidden_state_loss(
         attention_mask (`torch.Tensor`, *optional*): `[batch, seq]`; padding positions are left out.
 
     Returns:
-        `torch.Tensor`: A float32 scalar; normalizing by the teacher's norm makes every layer count alike.
+        `torch.Tensor`: A float32 scalar; normalizing by the teacher's norm makes every layer count alike, and the
+        mean over positions makes it a per-example mean like the task loss (exact under gradient accumulation).
     """
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(
@@ -78,5 +80,6 @@ def hidden_state_loss(
         if attention_mask is not None and attention_mask.shape == s.shape[:2]:
             keep = attention_mask.bool()
             s, t = s[keep], t[keep]
-        terms.append((s - t).square().sum() / t.square().sum().clamp_min(torch.finfo(t.dtype).tiny))
+        error = (s - t).square().sum(-1) / t.square().sum(-1).clamp_min(torch.finfo(t.dtype).tiny)
+        terms.append(error.mean() if error.numel() else error.sum())
     return torch.stack(terms).mean()

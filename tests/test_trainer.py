@@ -27,7 +27,7 @@ from hf_svd_compress import (
     current_ranks,
     svd_factorize_,
 )
-from hf_svd_compress.distillation import distillation_loss
+from hf_svd_compress.distillation import distillation_loss, hidden_state_loss
 from hf_svd_compress.regularizers import regularizer_totals
 
 SCRIPT = Path(__file__).parent / "scripts" / "one_sgd_step.py"
@@ -241,9 +241,28 @@ def dense_teacher(seed: int = 5) -> BertForSequenceClassification:
     return teacher
 
 
+def test_hidden_state_distillation_adds_its_weighted_term_and_logs_it(tmp_path):
+    model, teacher = tiny_model(SVDConfig(orth_weight=0.0, sparsity=None)), dense_teacher()
+    training_args = args(tmp_path, distill_alpha=0.25, distill_temperature=3.0, distill_hidden_weight=2.0)
+    trainer = SVDTrainer(model=model, args=training_args, train_dataset=tiny_data(), teacher_model=teacher)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    student = model(**batch, output_hidden_states=True)
+    with torch.no_grad():
+        reference = teacher(input_ids=batch["input_ids"], output_hidden_states=True)
+    kd = distillation_loss(student.logits, reference.logits, 3.0)
+    hidden = hidden_state_loss(student.hidden_states, reference.hidden_states, batch.get("attention_mask"))
+    assert hidden.item() > 0.01  # the check below is not vacuous
+    torch.testing.assert_close(loss, 0.75 * student.loss + 0.25 * kd + 2.0 * hidden, rtol=1e-5, atol=1e-6)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["distill_hidden_loss"] > 0 for entry in logs)
+
+
 def test_loss_mixes_task_and_distillation_and_logs_it(tmp_path):
     model, teacher = tiny_model(SVDConfig(orth_weight=0.0, sparsity=None)), dense_teacher()
-    training_args = args(tmp_path, distill_alpha=0.25, distill_temperature=3.0)
+    training_args = args(tmp_path, distill_alpha=0.25, distill_temperature=3.0, distill_hidden_weight=0.0)
     trainer = SVDTrainer(model=model, args=training_args, train_dataset=tiny_data(), teacher_model=teacher)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     model.train()
