@@ -16,7 +16,7 @@ from hf_svd_compress import load_compressed, load_factored_checkpoint, svd_layer
 from hf_svd_compress.cli import main
 
 CLI = [sys.executable, "-m", "hf_svd_compress.cli"]
-FAST = ["--dense_steps", "2", "--svd_steps", "3", "--finetune_steps", "2", "--per_device_train_batch_size", "4"]
+FAST = ["--dense_steps", "2", "--svd_steps", "10", "--per_device_train_batch_size", "4", "--calibration_batches", "2"]
 FAST += ["--max_length", "16", "--logging_steps", "1", "--use_cpu", "--disable_tqdm", "true"]
 
 
@@ -27,140 +27,106 @@ def run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def compressed_run(tiny_text_model, tiny_text_csv, tmp_path_factory):
-    """One real `compress` run: tiny BERT, tiny csv, a few steps per stage."""
+    """One real `compress` run with the defaults: tiny BERT, tiny csv, a few steps per stage."""
     out = tmp_path_factory.mktemp("run")
     args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv)]
-    result = run([*args, "--output_dir", str(out), "--prune_energy", "0.8", *FAST], cwd=out)
+    result = run([*args, "--output_dir", str(out), *FAST], cwd=out)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return out, result
 
 
-def test_compress_runs_every_stage_and_exports(compressed_run):
+def stage_output(stdout: str, first: str, last: str) -> str:
+    return stdout.split(f"[hf-svd-compress] {first}")[1].split(f"[hf-svd-compress] {last}")[0]
+
+
+def kept_fraction(meta: dict) -> float:
+    kept = sum(r * sum(meta["shapes"][n]) for n, r in meta["ranks"].items() if n not in meta["dense_modules"])
+    kept += sum(meta["shapes"][n][0] * meta["shapes"][n][1] for n in meta["dense_modules"])
+    return kept / sum(m * n for m, n in meta["shapes"].values())
+
+
+def test_compress_runs_every_stage_and_exports_with_the_defaults(compressed_run):
     out, result = compressed_run
-    for stage in ("2/5", "3/5", "4/5", "5/5"):
+    for stage in ("1/4", "2/4 SVD training from whitened factors, pruning to 0.5, for 10 steps", "3/4", "4/4"):
         assert f"[hf-svd-compress] {stage}" in result.stdout
     export = out / "compressed"
     assert (export / "model.safetensors").is_file() and (export / "README.md").is_file()
     summary = json.loads((export / "compression_summary.json").read_text())
     assert set(summary["accuracy"]) == {"dense", "factored", "pruned", "compressed"}
-    config = json.loads((export / "config.json").read_text())
-    ranks = config["svd_compression"]["ranks"]
-    assert ranks and all(r < 32 for r in ranks.values())
+    meta = json.loads((export / "config.json").read_text())["svd_compression"]
+    assert meta["rank_selection"] == {"method": "budget", "budget": 0.5, "allocation": "greedy", "rank_multiple": 8}
+    assert kept_fraction(meta) <= 0.5
+    # One schedule: the SVD stage distills (logits and hidden states) at every step and prunes gradually from
+    # step 2 (20%) to step 6 (60%); the pruned model trains on to step 10; nothing trains after it.
+    svd_stage = stage_output(result.stdout, "2/4", "3/4")
+    assert svd_stage.count("'distill_loss'") == 10 and svd_stage.count("'distill_hidden_loss'") == 10
+    assert "orth_loss" not in svd_stage and "sparsity_loss" not in svd_stage  # the terms measured inert: off
+    fractions = [float(f) for f in re.findall(r"'rank_fraction': '([0-9.e-]+)'", svd_stage)]
+    assert len(fractions) == 10 and fractions[0] == 1.0 and fractions[2] > fractions[5]
+    assert fractions[5:] == [fractions[5]] * 5
+    assert "'rank_fraction'" not in stage_output(result.stdout, "3/4", "4/4")
+    assert summary["accuracy"]["compressed"] == summary["accuracy"]["pruned"]
     model = load_compressed(export)
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[2, 5, 9]])).logits.shape == (1, 3)
+    # The factored checkpoint keeps the masks of the cut and the whitened flag; `prune` can cut it further.
+    factored = load_factored_checkpoint(out / "factored")
+    assert all(layer.whitened and layer.rank < layer.full_rank for layer in svd_layers(factored).values())
 
 
-def test_compress_distills_from_the_dense_model(tiny_text_model, tiny_text_csv, tmp_path):
-    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv)]
-    args += ["--output_dir", str(tmp_path / "o"), "--prune_energy", "0.8", "--distill_alpha", "0.7", *FAST]
-    result = run(args, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    # The SVD (3 steps) and fine-tuning (2 steps) stages log the distillation term at every step, dense does not.
-    assert result.stdout.count("'distill_loss'") == 5
-    assert '"distill_alpha": 0.7' in (tmp_path / "o" / "compressed" / "README.md").read_text()  # model card
-
-
-@pytest.mark.parametrize("at_step", [None, 3])
-def test_compress_prunes_gradually_during_the_svd_stage(tiny_text_model, tiny_text_csv, tmp_path, at_step):
+@pytest.mark.parametrize("at_step", [None, 4])
+def test_compress_prunes_on_the_steps_given(tiny_text_model, tiny_text_csv, tmp_path, at_step):
     args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
-    args += ["--output_dir", str(tmp_path / "o"), "--prune_budget", "0.5", "--prune_start_step", "1"]
+    args += ["--output_dir", str(tmp_path / "o"), "--prune_budget", "0.4", "--prune_start_step", "1"]
     args += [] if at_step is None else ["--prune_at_step", str(at_step)]
-    result = run([*args, "--prune_rank_multiple", "1", "--svd_steps", "4"], cwd=tmp_path)
+    result = run([*args, "--prune_rank_multiple", "1", "--distill_alpha", "0"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    svd_stage = result.stdout.split("[hf-svd-compress] 3/5")[1].split("[hf-svd-compress] 4/5")[0]
+    svd_stage = stage_output(result.stdout, "2/4", "3/4")
+    assert "distill_loss" not in svd_stage  # --distill_alpha 0: no teacher
     fractions = [float(f) for f in re.findall(r"'rank_fraction': '([0-9.e-]+)'", svd_stage)]
-    assert len(fractions) == 4 and fractions[0] == 1.0 and fractions[1] > fractions[2]
-    # By default the budget is reached at the SVD stage's last step; with --prune_at_step 3 at step 3, and step 4
-    # trains the pruned model.
-    assert fractions[2] > fractions[3] if at_step is None else fractions[2] == fractions[3]
+    reached = 6 if at_step is None else at_step  # default: 60% of the 10 steps
+    assert fractions[0] > fractions[1] > fractions[reached - 1] == fractions[-1]
     meta = json.loads((tmp_path / "o" / "compressed" / "config.json").read_text())["svd_compression"]
-    expected = {"method": "budget", "budget": 0.5, "gradual_from_step": 1}
-    assert meta["rank_selection"] == expected if at_step is None else {**expected, "at_svd_step": 3}
-    kept = sum(r * sum(meta["shapes"][n]) for n, r in meta["ranks"].items() if n not in meta["dense_modules"])
-    kept += sum(meta["shapes"][n][0] * meta["shapes"][n][1] for n in meta["dense_modules"])
-    assert kept <= 0.5 * sum(m * n for m, n in meta["shapes"].values())
+    assert kept_fraction(meta) <= 0.4
 
 
-def test_compress_in_one_schedule_without_a_fine_tuning_stage(tiny_text_model, tiny_text_csv, tmp_path):
-    # The quality benchmark's one_schedule: the SVD stage has every step, prunes gradually to step 3, then trains
-    # the pruned model in the same learning-rate schedule; there is no fine-tuning stage.
-    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
-    args += ["--output_dir", str(tmp_path / "o"), "--prune_budget", "0.5", "--prune_start_step", "1"]
-    args += ["--prune_at_step", "3", "--svd_steps", "4", "--finetune_steps", "0", "--singular_value_lr_scale", "100"]
-    result = run(args, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    svd_stage = result.stdout.split("[hf-svd-compress] 3/5")[1].split("[hf-svd-compress] 4/5")[0]
-    assert len(re.findall(r"'rank_fraction'", svd_stage)) == 4
-    after = result.stdout.split("[hf-svd-compress] 4/5")[1].split("[hf-svd-compress] 5/5")[0]
-    assert "'rank_fraction'" not in after  # no training after the SVD stage
-    summary = json.loads((tmp_path / "o" / "compressed" / "compression_summary.json").read_text())
-    assert summary["accuracy"]["compressed"] == summary["accuracy"]["pruned"]
-
-
-def test_compress_cuts_once_inside_the_svd_stage_at_prune_at_step(tiny_text_model, tiny_text_csv, tmp_path):
-    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
-    args += ["--output_dir", str(tmp_path / "o"), "--prune_energy", "0.8", "--prune_at_step", "2"]
-    result = run([*args, "--prune_rank_multiple", "1", "--svd_steps", "4"], cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    svd_stage = result.stdout.split("[hf-svd-compress] 3/5")[1].split("[hf-svd-compress] 4/5")[0]
-    fractions = [float(f) for f in re.findall(r"'rank_fraction': '([0-9.e-]+)'", svd_stage)]
-    assert len(fractions) == 4 and fractions[0] == 1.0 > fractions[1] == fractions[2] == fractions[3]
-    meta = json.loads((tmp_path / "o" / "compressed" / "config.json").read_text())["svd_compression"]
-    assert meta["rank_selection"] == {"method": "energy", "energy": 0.8, "at_svd_step": 2}
-    summary = json.loads((tmp_path / "o" / "compressed" / "compression_summary.json").read_text())
-    assert summary["accuracy"]["pruned"] == summary["accuracy"]["factored"]  # no second cut after the stage
-    # ... and the exported ranks are those the SVD stage ended with (a second energy cut would lower them).
-    full = sum(min(meta["shapes"][n]) for n in summary["ranks"])
-    assert sum(summary["ranks"].values()) / full == pytest.approx(fractions[3], rel=1e-3)
-
-
-def test_compress_starts_from_data_aware_factors_and_fine_tunes_at_its_own_rate(
-    compressed_run, tiny_text_model, tiny_text_csv, tmp_path
+@pytest.mark.parametrize("init", ["asvd", "svd"])
+def test_compress_starts_from_other_factors_and_fine_tunes_after(
+    compressed_run, tiny_text_model, tiny_text_csv, tmp_path, init
 ):
     args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
-    args += ["--output_dir", str(tmp_path / "o"), "--prune_energy", "0.8", "--data_aware_init"]
-    result = run([*args, "--calibration_batches", "2", "--finetune_lr_scale", "0.3"], cwd=tmp_path)
+    args += ["--output_dir", str(tmp_path / "o"), "--init", init, "--finetune_steps", "2"]
+    result = run([*args, "--finetune_lr_scale", "0.3"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "[hf-svd-compress] 2/5 factoring the target layers (full-rank data-aware SVD)" in result.stdout
+    assert f"[hf-svd-compress] 2/4 SVD training from {init} factors" in result.stdout
     summary = json.loads((tmp_path / "o" / "compressed" / "compression_summary.json").read_text())
     plain = json.loads((compressed_run[0] / "compressed" / "compression_summary.json").read_text())
     layer = next(iter(summary["spectra_initial"]))  # same dense model, another basis: another start
     assert summary["spectra_initial"][layer] != pytest.approx(plain["spectra_initial"][layer], rel=1e-3)
     rates = {}
-    for stage, text in (("svd", "3/5"), ("finetune", "4/5")):
-        part = result.stdout.split(f"[hf-svd-compress] {text}")[1].split("[hf-svd-compress] ")[0]
-        rates[stage] = [float(r) for r in re.findall(r"'learning_rate': '([0-9.e-]+)'", part)]
-        assert "orth_loss" in part  # U and V are orthonormal in the data-aware basis too: the term stays on
-    # Step for step, the fine-tuning schedule is the SVD stage's at 0.3 times the rate.
-    assert len(rates["svd"]) == 3 and rates["svd"][1] > 0
-    assert rates["finetune"] == pytest.approx([0.3 * r for r in rates["svd"][:2]])
+    for stage, text, end in (("svd", "2/4", "3/4"), ("finetune", "3/4", "4/4")):
+        rates[stage] = [
+            float(r) for r in re.findall(r"'learning_rate': '([0-9.e-]+)'", stage_output(result.stdout, text, end))
+        ]
+    # The fine-tuning stage is a new schedule at 0.3 times the rate, without the teacher.
+    assert len(rates["finetune"]) == 2 and rates["finetune"][0] == pytest.approx(0.3 * rates["svd"][0])
+    assert "distill_loss" not in stage_output(result.stdout, "3/4", "4/4")
     card = (tmp_path / "o" / "compressed" / "README.md").read_text()
-    assert '"data_aware_init": true' in card and '"finetune_lr_scale": 0.3' in card
-    # The factored checkpoint holds each layer's input_scale and re-prunes as it was trained (ASVD's spectrum).
-    factored = load_factored_checkpoint(tmp_path / "o" / "factored")
-    assert all(layer.input_scale is not None for layer in svd_layers(factored).values())
-    result = run(
-        ["prune", str(tmp_path / "o" / "factored"), "--budget", "0.6", "--output_dir", str(tmp_path / "p")],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "p" / "model.safetensors").is_file()
+    assert f'"init": "{init}"' in card and '"finetune_lr_scale": 0.3' in card
+    if init == "asvd":  # the factored checkpoint holds each layer's input_scale
+        factored = load_factored_checkpoint(tmp_path / "o" / "factored")
+        assert all(layer.input_scale is not None for layer in svd_layers(factored).values())
 
 
 def test_prune_reprunes_the_factored_checkpoint(compressed_run):
     out, _ = compressed_run
     target = out / "reprune"
-    result = run(["prune", str(out / "factored"), "--budget", "0.6", "--output_dir", str(target)], cwd=out)
+    # The default run kept 0.5 of the parameters: re-pruned to 0.4, it keeps less
+    result = run(["prune", str(out / "factored"), "--budget", "0.4", "--output_dir", str(target)], cwd=out)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((target / "config.json").read_text())["svd_compression"]
-    assert meta["rank_selection"] == {"method": "budget", "budget": 0.6, "rank_multiple": 8}
-    full = meta["full_ranks"]
-    assert all(r % 8 == 0 or r == full[n] for n, r in meta["ranks"].items())
-    kept = sum(r * sum(meta["shapes"][n]) for n, r in meta["ranks"].items() if n not in meta["dense_modules"])
-    kept += sum(meta["shapes"][n][0] * meta["shapes"][n][1] for n in meta["dense_modules"])
-    total = sum(m * n for m, n in meta["shapes"].values())
-    assert kept <= 0.6 * total
+    assert meta["rank_selection"] == {"method": "budget", "budget": 0.4, "rank_multiple": 8}
+    assert kept_fraction(meta) <= 0.4
 
 
 def test_report_writes_summary_and_plots(compressed_run):
@@ -171,9 +137,9 @@ def test_report_writes_summary_and_plots(compressed_run):
 
 def test_config_file_supplies_options_and_flags_override(tiny_text_model, tiny_text_csv, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(f"model_name_or_path: {tiny_text_model}\ndataset: {tiny_text_csv}\nprune_energy: 2.0\n")
+    config.write_text(f"model_name_or_path: {tiny_text_model}\ndataset: {tiny_text_csv}\nprune_budget: 2.0\n")
     result = run(["compress", "--config", str(config), "--output_dir", str(tmp_path / "o")], cwd=tmp_path)
-    assert result.returncode != 0 and "prune_energy" in result.stderr  # the YAML value is validated
+    assert result.returncode != 0 and "prune_budget" in result.stderr  # the YAML value is validated
     config.write_text("no_such_option: 1\n")
     result = run(["compress", "--config", str(config)], cwd=tmp_path)
     assert result.returncode != 0 and "no_such_option" in result.stderr
@@ -185,10 +151,12 @@ def test_config_file_supplies_options_and_flags_override(tiny_text_model, tiny_t
         (["--model_name_or_path", "./no/such/folder"], "does not exist"),
         (["--text_column", "body"], "body"),
         (["--prune_energy", "1.5"], "prune_energy"),
+        (["--prune_energy", "0.9"], "the pipeline prunes to a parameter budget"),
         (["--prune_budget", "1.0"], "prune_budget"),
-        (["--prune_start_step", "3", "--prune_budget", "0.5"], "--prune_start_step 3: the SVD stage has 3 steps"),
-        (["--prune_start_step", "1"], "needs a budget target: add --prune_budget"),
-        (["--prune_at_step", "4"], "--prune_at_step 4: in the pipeline it is a step of the SVD stage (3 steps"),
+        (["--prune_start_step", "6"], "--prune_start_step 6: gradual pruning runs from prune_start_step to"),
+        (["--prune_at_step", "11"], "--prune_at_step 11: in the pipeline it is a step of the SVD stage (10 steps"),
+        (["--svd_steps", "5"], "--svd_steps 5: must be >= 10"),
+        (["--init", "pca"], "--init 'pca': use one of"),
         (["--finetune_lr_scale", "0"], "--finetune_lr_scale 0.0: must be > 0"),
         (["--calibration_batches", "0"], "--calibration_batches 0: must be >= 1"),
     ],
@@ -198,7 +166,7 @@ def test_bad_input_fails_before_training(tiny_text_model, tiny_text_csv, tmp_pat
     result = run([*args, "--output_dir", str(tmp_path / "o"), *extra], cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
-    assert "[hf-svd-compress] 1/5" not in result.stdout and "2/5" not in result.stdout
+    assert "[hf-svd-compress] 1/4" not in result.stdout and "2/4" not in result.stdout
     assert not (tmp_path / "o" / "compressed").exists()
 
 
@@ -224,7 +192,7 @@ def test_unknown_command_lists_the_commands(capsys):
         main(["compres"])
 
 
-def test_a_budget_replaces_the_default_energy(tmp_path):
+def test_the_default_budget_and_an_explicit_one(tmp_path):
     from hf_svd_compress.cli import COMPRESS_DEFAULTS, parse_with_config
     from hf_svd_compress.pipeline import PipelineArguments
     from hf_svd_compress.tasks import TextTaskArguments
@@ -235,6 +203,6 @@ def test_a_budget_replaces_the_default_energy(tmp_path):
     *_, args = parse_with_config(types, argv, COMPRESS_DEFAULTS)
     assert (args.prune_budget, args.prune_energy) == (0.5, None)
     *_, args = parse_with_config(types, ["--output_dir", str(tmp_path)], COMPRESS_DEFAULTS)
-    assert (args.prune_budget, args.prune_energy) == (None, 0.9)
+    assert (args.prune_budget, args.prune_energy) == (0.5, None)
     with pytest.raises(ValueError, match="only one"):
         parse_with_config(types, [*argv, "--prune_energy", "0.8"], COMPRESS_DEFAULTS)

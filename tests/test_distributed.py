@@ -119,3 +119,19 @@ def fsdp_out(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("version", [1, 2])
 def test_fsdp_matches_single_process(version, fsdp_out, reference):
     check_against_reference(read_records(fsdp_out / f"fsdp{version}", 2), reference)
+
+
+def test_calibrated_factors_are_identical_on_every_process(tmp_path):
+    """Two processes, each with half the calibration examples, build bitwise identical whitened factors, equal to
+    one process's over all of them."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    run("calibrate_ddp.py", tmp_path / "one")
+    run("calibrate_ddp.py", tmp_path / "two", processes=2)
+    reference = load_file(tmp_path / "one" / "rank0.safetensors")
+    first, second = (load_file(tmp_path / "two" / f"rank{i}.safetensors") for i in range(2))
+    assert first.keys() == reference.keys() and len(first) == 36
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+        # Another summation order (two partial sums): the same factors up to float error.
+        torch.testing.assert_close(first[key], reference[key], rtol=1e-4, atol=1e-5)

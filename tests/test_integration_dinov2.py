@@ -35,8 +35,8 @@ def test_image_recipe_on_real_dinov2(dinov2_dir, tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     args = ["--model_name_or_path", str(dinov2_dir), "--train_size", "48", "--eval_size", "16", "--test_size", "16"]
-    args += ["--image_size", "56", "--dense_steps", "2", "--svd_steps", "3", "--finetune_steps", "2"]
-    args += ["--per_device_train_batch_size", "8", "--prune_energy", "0.8", "--use_cpu", "--disable_tqdm", "true"]
+    args += ["--image_size", "56", "--dense_steps", "2", "--svd_steps", "10", "--calibration_batches", "2"]
+    args += ["--per_device_train_batch_size", "8", "--use_cpu", "--disable_tqdm", "true"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, str(ROOT / "recipes" / "image_classification.py"), *args, "--output_dir", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import TrainingArguments
 
+from hf_svd_compress.compress import compress_config
 from hf_svd_compress.pipeline import PipelineArguments, check_unsharded
 from hf_svd_compress.trainer import SVDTrainingArguments
 
@@ -42,3 +43,10 @@ def test_pipeline_arguments_build_the_svd_config(tmp_path):
 def test_negative_step_counts_are_refused():
     with pytest.raises(ValueError, match="--svd_steps"):
         PipelineArguments(svd_steps=-1)
+
+
+def test_the_pipeline_defaults_are_compress_defaults(tmp_path):
+    config = PipelineArguments().svd_config(SVDTrainingArguments(tmp_path, use_cpu=True))
+    assert config == compress_config(prune_budget=0.5)
+    assert (config.orth_weight, config.sparsity, config.prune_allocation) == (0.0, None, "greedy")
+    assert (PipelineArguments().init, PipelineArguments().finetune_steps) == ("whitened", 0)
