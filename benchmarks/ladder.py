@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -142,6 +143,7 @@ class Ladder:
             "train_loss": training.get("train_loss"),
             "wall_s": round(time.perf_counter() - start, 1),
             "machine": machine(),
+            "commit": commit(),
         }
         self.write(path, result)
         return result
@@ -285,6 +287,15 @@ def uniform_ranks_(model: torch.nn.Module, budget: float, multiple: int) -> dict
     return ranks
 
 
+def commit() -> str:
+    """The commit the benchmark runs at (results name the code that made them)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def machine() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return f"{device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
@@ -333,6 +344,34 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy (mean over seeds) against the kept fraction of the factored layers' parameters, one line per rung."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 4.5), dpi=110)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for method in ROLES:
+        points: dict[float, list[tuple[float, float]]] = {}
+        for r in results:
+            if r["method"] == method:
+                points.setdefault(r["budget"], []).append((r["budget_realized"], r["test_accuracy"]))
+        if points:
+            xs = [sum(p[0] for p in v) / len(v) for _, v in sorted(points.items())]
+            ys = [sum(p[1] for p in v) / len(v) for _, v in sorted(points.items())]
+            style = {"linewidth": 2.5, "color": "black"} if method == "default" else {"linestyle": "--"}
+            ax.plot(xs, ys, marker="o", label=LABELS[method].replace("**", "").replace("`", ""), **style)
+    dense = next((r for r in results if r["method"] == "dense"), None)
+    if dense:
+        ax.axhline(dense["test_accuracy"], color="grey", linewidth=1, label="dense")
+    ax.set_xlabel("parameters kept (fraction of the factored layers')")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=6.5, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, bbox_inches="tight")
+
+
 def _cell(values: dict[int, float]) -> str:
     if not values:
         return ""
@@ -363,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results_dir", type=Path, default=RESULTS)
     parser.add_argument("--cache_dir", type=Path, default=CACHE)
     parser.add_argument("--table", action="store_true", help="Print the table from the result files and stop.")
+    parser.add_argument("--plot", type=Path, default=None, help="With --table: also write the accuracy plot here.")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -371,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     ladder = Ladder(settings, steps, args.results_dir, args.cache_dir)
     if args.table:
         print(table(load_results(ladder.folder)))
+        if args.plot:
+            plot(load_results(ladder.folder), args.plot)
         return 0
     print(f"dense: {ladder.run_dense()['test_accuracy']:.1f}%", flush=True)
     for seed in args.seeds:  # seed by seed, so that every method has a paired result as early as possible

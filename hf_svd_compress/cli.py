@@ -23,7 +23,7 @@ from transformers import HfArgumentParser
 from .pipeline import PipelineArguments
 from .trainer import SVDTrainingArguments
 
-# Sizes of the embedded default run, chosen to finish in under 15 minutes on 2 CPU cores.
+# Sizes of the embedded default run (about 10 minutes on 2 CPU cores); SVD training is compress()'s defaults.
 COMPRESS_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/minilm-bbc",
     "dense_steps": 100,
@@ -54,10 +54,11 @@ def parse_with_config(
     values = dict(defaults or {})
     from_file = _read_yaml(known.config) if known.config else {}
     values.update(from_file)
-    # A budget the user asks for replaces a default energy (the two are exclusive).
+    # A budget or an energy the user asks for replaces a default of the other (the two are exclusive).
     explicit = set(from_file) | {arg[2:].split("=")[0] for arg in rest if arg.startswith("--")}
-    if "prune_budget" in explicit and "prune_energy" not in explicit:
-        values.pop("prune_energy", None)
+    for asked, other in (("prune_budget", "prune_energy"), ("prune_energy", "prune_budget")):
+        if asked in explicit and other not in explicit:
+            values.pop(other, None)
     dests = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - dests)
     if unknown:
@@ -96,7 +97,7 @@ def compress(argv: Sequence[str]) -> None:
 
 
 def prune(argv: Sequence[str]) -> None:
-    """Re-prune a factored checkpoint (e.g. `<output_dir>/svd`) at another energy or budget, without training."""
+    """Re-prune a factored checkpoint (e.g. `<output_dir>/factored`) at another energy or budget, without training."""
     from .export import load_factored_checkpoint, save_compressed
     from .pruning import prune_
 

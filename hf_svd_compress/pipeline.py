@@ -1,4 +1,5 @@
-"""The whole compression pipeline: dense fine-tune, factor, train with regularizers, prune, fine-tune, export.
+"""The whole compression pipeline: dense fine-tune, `compress` (whitened factors, SVD training while pruning to the
+budget, distillation), an optional extra fine-tuning stage, export.
 
 Shared by the `hf-svd-compress compress` command and the recipes; the task-specific part (model, data, collator,
 metrics) comes in as a `TaskSetup`.
@@ -272,7 +273,8 @@ class _Spectra(TrainerCallback):
 
 
 def _save_factored(setup: TaskSetup, folder: Path, args: TrainingArguments) -> None:
-    """The regularized, unpruned model, for `hf-svd-compress prune` to re-prune at another energy or budget."""
+    """The trained factored model with its pruning masks (untruncated, whitened spectra), for `hf-svd-compress prune`
+    to cut further at another energy or a smaller budget."""
     if args.process_index == 0:
         setup.model.save_pretrained(folder)
         if setup.processing_class is not None:
