@@ -157,7 +157,7 @@ def compress(bench: Bench, budgets: Sequence[float], folder: Path, rank_multiple
     compressed = {}
     for budget in budgets:
         model = copy.deepcopy(factored)
-        prune_(model, budget=budget, rank_multiple=rank_multiple)
+        prune_(model, budget=budget, rank_multiple=rank_multiple, allocation="threshold")
         selection = {"method": "budget", "budget": budget, "rank_multiple": rank_multiple}
         path = save_compressed(model, folder / f"{bench.name}-{budget}", rank_selection=selection)
         compressed[budget] = bench.auto_class.from_pretrained(path, trust_remote_code=True).eval()

@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                      # BERT-base-shaped (4 layers) and MiniLM, seq 128, batch 16
     python benchmarks/train_step.py --models tiny --steps 3   # the CI smoke run
+    python benchmarks/train_step.py --defaults                # compress()'s defaults, without and with the teacher
 
 Both trainers run in this one process, alternating in rounds so machine noise hits both alike; the table gives the
 mean step times and their ratio (goal: SVD / dense <= 1.25 on the CPU). Means, not medians: with
@@ -29,7 +30,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_svd_compress import SVDConfig, SVDTrainer, SVDTrainingArguments, svd_factorize_
+from hf_svd_compress import SVDConfig, SVDTrainer, SVDTrainingArguments, compress_config, svd_factorize_
 
 SHAPES = {
     "bert-base-4l": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=4),
@@ -66,7 +67,7 @@ def batch_data(batch: int, seq: int, steps: int, vocab: int) -> Dataset:
 
 
 def time_steps(
-    model, svd: bool, data: Dataset, batch: int, steps: int, interval: int = 1, probes: int = 0
+    model, svd: bool, data: Dataset, batch: int, steps: int, interval: int = 1, probes: int = 0, teacher=None
 ) -> list[tuple[float, float]]:
     timer = StepTimer()
     common = dict(
@@ -81,25 +82,34 @@ def time_steps(
     )
     if svd:
         args = SVDTrainingArguments(**common, regularizer_interval=interval, orth_probes=probes)
-        trainer = SVDTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+        trainer = SVDTrainer(model=model, args=args, train_dataset=data, callbacks=[timer], teacher_model=teacher)
     else:
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[timer])
     trainer.train()
     return timer.times[1:]  # the first step includes warm-up work (and is a regularized one)
 
 
-def benchmark(name: str, batch: int, seq: int, steps: int, rounds: int, variants: list[tuple[int, int]]) -> list[dict]:
-    """Dense and every `(regularizer_interval, orth_probes)` variant, taking turns in each round."""
+def benchmark(
+    name: str, batch: int, seq: int, steps: int, rounds: int, variants: list[tuple], defaults: bool = False
+) -> list[dict]:
+    """Dense and every `(regularizer_interval, orth_probes)` variant, taking turns in each round.
+
+    With `defaults`, the variants are `compress()`'s SVD training at full rank (no regularizer terms), without and
+    with the dense teacher (logit and hidden-state distillation), instead of the regularized ones.
+    """
     dense = build_model(name)
-    config = SVDConfig(sparsity="hoyer", sparsity_weight=1e-3)
+    config = compress_config() if defaults else SVDConfig(sparsity="hoyer", sparsity_weight=1e-3)
     factored = {v: svd_factorize_(build_model(name), config) for v in variants}
+    teachers = {v: build_model(name).eval() if defaults and v[1] == "teacher" else None for v in variants}
     data = batch_data(batch, seq, steps + 1, dense.config.vocab_size)
     dense_times: list[tuple[float, float]] = []
-    svd_times: dict[tuple[int, int], list[tuple[float, float]]] = {v: [] for v in variants}
+    svd_times: dict[tuple, list[tuple[float, float]]] = {v: [] for v in variants}
     for _ in range(rounds):
         dense_times += time_steps(dense, False, data, batch, steps)
         for (interval, probes), model in factored.items():
-            svd_times[interval, probes] += time_steps(model, True, data, batch, steps, interval, probes)
+            probes_arg = 0 if isinstance(probes, str) else probes
+            teacher = teachers[interval, probes]
+            svd_times[interval, probes] += time_steps(model, True, data, batch, steps, interval, probes_arg, teacher)
     results = []
     for (interval, probes), times in svd_times.items():
         result = {"model": name, "tokens": batch * seq, "interval": interval, "probes": probes}
@@ -122,6 +132,9 @@ def main() -> None:
         "--probes", type=int, nargs="+", default=[0, 16], help="orth_probes values (0: exact orthogonality loss)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--defaults", action="store_true", help="compress()'s defaults (no terms), without and with the teacher"
+    )
     cli = parser.parse_args()
     if cli.threads:
         torch.set_num_threads(cli.threads)
@@ -133,8 +146,10 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     variants = [(interval, probes) for interval in cli.intervals for probes in cli.probes]
+    if cli.defaults:  # the "orth probes" column names the variant
+        variants = [(1, "no teacher"), (1, "teacher")]
     for name in cli.models:
-        for r in benchmark(name, cli.batch, cli.seq, cli.steps, cli.rounds, variants):
+        for r in benchmark(name, cli.batch, cli.seq, cli.steps, cli.rounds, variants, cli.defaults):
             print(
                 f"| {r['model']} | {r['tokens']} | {r['interval']} | {r['probes'] or 'exact'} | "
                 f"{r['dense_wall']:.3f}, {r['dense_cpu']:.3f} | {r['svd_wall']:.3f}, {r['svd_cpu']:.3f} | "

@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("script", "args", "expected"),
     [
         ("train_step.py", ["--models", "tiny", "--steps", "2", "--rounds", "1", "--intervals", "1", "2"], "| tiny |"),
+        ("train_step.py", ["--models", "tiny", "--steps", "2", "--rounds", "1", "--defaults"], "| teacher |"),
         ("inference.py", ["--tiny"], "budget"),
         ("memory.py", ["--tiny"], "peak"),
     ],

@@ -20,7 +20,8 @@ from .core import collator, energy_kept, evaluate_splits, export_stats, factored
 from .settings import GRADUAL_START, PARAMETERIZATIONS, RegConfig, ResultCache, Settings, effective_config, result_name
 
 # Plain truncated SVD: no regularizer at any point (factors then train freely).
-BASELINE_CONFIG = SVDConfig(orth_weight=0.0, sparsity=None)
+# The allocation of every stored result: one energy threshold for all layers (before the greedy default existed).
+BASELINE_CONFIG = SVDConfig(orth_weight=0.0, sparsity=None, prune_allocation="threshold")
 REGULARIZED_FILE = "model.safetensors"
 
 
@@ -177,7 +178,7 @@ class Bench:
             return
         start = time.perf_counter()
         model = factorize(self.fresh_dense())
-        prune_(model, budget=budget)
+        prune_(model, budget=budget, allocation="threshold")
         energy = energy_kept(model)
         truncate_(model)
         if after_truncate is not None:
@@ -361,7 +362,7 @@ class Bench:
             return cached
         start, reg = time.perf_counter(), effective_config(config, parameterization)
         model = self.load_regularized(stage, seed, parameterization)
-        prune_(model, budget=budget)  # after a gradual S stage: already there, masks unchanged
+        prune_(model, budget=budget, allocation="threshold")  # after a gradual S stage: already there, masks unchanged
         info = {"budget": budget, "config": reg, "seed": seed, "energy_kept": energy_kept(model)}
         truncate_(model)
         if "pruned" in names:
@@ -532,9 +533,10 @@ def _svd_config(config: RegConfig, parameterization: str = "svd") -> SVDConfig:
     """The factorization config of `parameterization` with the regularizers of `config` (CUR: none of them; its
     approximation term keeps the `SVDConfig` default weight)."""
     if parameterization == "cur":
-        return SVDConfig(parameterization="cur", orth_weight=0.0, sparsity=None)
+        return SVDConfig(parameterization="cur", orth_weight=0.0, sparsity=None, prune_allocation="threshold")
     return SVDConfig(
         parameterization=parameterization,
+        prune_allocation="threshold",
         orth_weight=config.orth_weight,
         sparsity=config.sparsity,
         sparsity_weight=config.sparsity_weight,
