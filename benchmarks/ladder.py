@@ -73,6 +73,9 @@ ROLES = {
     "whitened_global_kd": "ablation",
     "default": "default",
     "default_reg": "ablation",
+    "whitened_threshold_kd": "ablation",
+    "whitened_uniform_kd": "ablation",
+    "default_at_start": "ablation",
 }
 LABELS = {
     "dense": "dense fine-tuned (reference)",
@@ -84,6 +87,9 @@ LABELS = {
     "whitened_global_kd": "whitened SVD, greedy global budget + FT + distillation",
     "default": "**defaults: `compress()`** (whitened, greedy, gradual pruning while training, distillation)",
     "default_reg": "defaults + orthogonality / Hoyer regularizers (ablation)",
+    "whitened_threshold_kd": "whitened SVD, one energy threshold + FT + distillation",
+    "whitened_uniform_kd": "whitened SVD, uniform ranks + FT + distillation",
+    "default_at_start": "`compress(schedule='at_start')`: whitened, cut to the budget at once, distillation",
 }
 BASELINE = SVDConfig(orth_weight=0.0, sparsity=None)
 DISTILL = {"distill_alpha": 0.5, "distill_hidden_weight": 1.0}
@@ -128,7 +134,9 @@ class Ladder:
             return None
         start = time.perf_counter()
         model, training = getattr(self, f"_{method}")(budget, seed)
-        test = evaluate(model, self.bench.setup().test_dataset, self.bench.setup(), self.settings.eval_batch_size)
+        setup, batch = self.bench.setup(), self.settings.eval_batch_size
+        test = evaluate(model, setup.test_dataset, setup, batch)
+        val = evaluate(model, setup.eval_dataset, setup, batch)  # for choosing a config without the test split
         result = {
             "task": self.settings.task,
             "method": method,
@@ -139,6 +147,8 @@ class Ladder:
             "test_accuracy": round(100 * test["accuracy"], 3),
             "test_loss": test["loss"],
             "test_n": test["n"],
+            "val_accuracy": round(100 * val["accuracy"], 3),
+            "val_loss": val["loss"],
             **factored_stats(model),
             "train_loss": training.get("train_loss"),
             "wall_s": round(time.perf_counter() - start, 1),
@@ -238,7 +248,22 @@ class Ladder:
     def _whitened_global_kd(self, budget: float, seed: int) -> tuple:
         return self._whitened_global_ft(budget, seed, distill=True)
 
-    def _default(self, budget: float, seed: int, config: SVDConfig | None = None, **extra: Any) -> tuple:
+    def _whitened_threshold_kd(self, budget: float, seed: int) -> tuple:
+        model = self._whitened()
+        prune_(model, budget=budget, rank_multiple=BASELINE.prune_rank_multiple, allocation="threshold")
+        return self._cut_and_train(model, seed, distill=True)
+
+    def _whitened_uniform_kd(self, budget: float, seed: int) -> tuple:
+        model = self._whitened()
+        uniform_ranks_(model, budget, BASELINE.prune_rank_multiple)
+        return self._cut_and_train(model, seed, distill=True)
+
+    def _default_at_start(self, budget: float, seed: int) -> tuple:
+        return self._default(budget, seed, schedule="at_start")
+
+    def _default(
+        self, budget: float, seed: int, config: SVDConfig | None = None, schedule: str = "gradual", **extra: Any
+    ) -> tuple:
         setup, s = self.bench.setup(), self.settings
         model = self.bench.fresh_dense()
         args = training_args(s, self.steps, seed, **extra)
@@ -254,6 +279,7 @@ class Ladder:
             config,
             setup.data_collator,
             calibration_batches=s.calib_batches,
+            schedule=schedule,
             callbacks=[_Loss(losses)],
         )
         return model, losses

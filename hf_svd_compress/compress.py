@@ -23,10 +23,13 @@ from torch import nn
 from .calibration import CalibrationData, activation_scales
 from .config import SVDConfig
 from .factorize import svd_factorize_
-from .pruning import truncate_
+from .pruning import prune_, truncate_
 from .trainer import SVDTrainer, SVDTrainingArguments
 
 INITS = ("whitened", "asvd", "svd")
+# When the budget is reached: "gradual" prunes while training (SVD training, from 20% to 60% of the steps by
+# default); "at_start" cuts to the budget right after factoring and trains the truncated model for every step.
+SCHEDULES = ("gradual", "at_start")
 # Where gradual pruning starts and reaches the budget, as fractions of the run, unless the arguments set the steps.
 PRUNE_START, PRUNE_END = 0.2, 0.6
 DEFAULT_BUDGET = 0.5
@@ -42,6 +45,7 @@ def compress(
     init: str = "whitened",
     calibration_batches: int = 64,
     truncate: bool = True,
+    schedule: str = "gradual",
     **trainer_kwargs: Any,
 ) -> nn.Module:
     """Compress `model` to `budget` of its target layers' parameters, in place, and return it.
@@ -65,6 +69,9 @@ def compress(
             calibrate a data-aware `init`.
         truncate (`bool`, defaults to `True`): Slice the pruned triplets off at the end; `False` leaves them masked
             (a model `prune_` can prune further, e.g. to save with `save_pretrained`).
+        schedule (`str`, defaults to `"gradual"`): `"gradual"` prunes while training (see `args`); `"at_start"`
+            cuts to the budget right after factoring (`config.prune_allocation`) and trains the truncated model for
+            every step (cheaper steps; `prune_start_step` / `prune_at_step` must be unset).
         **trainer_kwargs: Passed to `SVDTrainer` (`eval_dataset`, `processing_class`, `compute_metrics`, ...).
 
     Returns:
@@ -80,6 +87,13 @@ def compress(
         raise ValueError(f"compress(budget={budget!r}): must be in (0, 1), e.g. 0.5 keeps half the parameters.")
     if init not in INITS:
         raise ValueError(f"compress(init={init!r}): use one of {INITS}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"compress(schedule={schedule!r}): use one of {SCHEDULES}.")
+    if schedule == "at_start" and (args.prune_at_step is not None or args.prune_start_step is not None):
+        raise ValueError(
+            "compress(schedule='at_start') cuts before training: unset prune_at_step / prune_start_step, or use "
+            "schedule='gradual'."
+        )
     if not (isinstance(args.max_steps, int) and args.max_steps >= 10):
         raise ValueError(
             f"compress needs args.max_steps >= 10 (got {args.max_steps}): it prunes gradually over the run; e.g. 150."
@@ -91,7 +105,8 @@ def compress(
             f"compress prunes to a budget, not to an energy (prune_energy={args.prune_energy}): set budget (or "
             "prune_budget), or prune a saved factored model by energy with `hf-svd-compress prune --energy`."
         )
-    run_args = dataclasses.replace(args, prune_budget=budget, **_schedule(args))
+    pruning = _schedule(args) if schedule == "gradual" else {}
+    run_args = dataclasses.replace(args, prune_budget=budget if pruning else None, **pruning)
     teacher = copy.deepcopy(model).eval() if run_args.distill_alpha != 0 else None
     if init == "whitened":
         data = CalibrationData(train_dataset, data_collator, args.per_device_train_batch_size, calibration_batches)
@@ -102,6 +117,9 @@ def compress(
         svd_factorize_(model, config, input_scales=scales)
     else:
         svd_factorize_(model, config)
+    if schedule == "at_start":
+        prune_(model, budget=budget, rank_multiple=config.prune_rank_multiple, allocation=config.prune_allocation)
+        truncate_(model)
     trainer = SVDTrainer(
         model=model,
         args=run_args,
