@@ -48,6 +48,9 @@ CASES = [
     ("factor, init_energy 0.999", "factor", "decaying", {"init_energy": 0.999}),
     ("factor, init_energy 0.99", "factor", "decaying", {"init_energy": 0.99}),
     ("factor, init_max_rank 1/4", "factor", "random", {"init_max_rank": "quarter"}),
+    # compress()'s start: input covariances over 16 batches of 8 x seq tokens, whitened factors, streamed in chunks
+    # of at most a quarter of the model's bytes of float64 covariances.
+    ("calibrate + factor, whitened", "calibrate", "random", {"orth_weight": 0.0, "sparsity": None}),
     ("train step, dense", "train_dense", "random", None),
     ("train step, SVD full rank", "train_svd", "random", {}),
     ("train step, SVD init_energy 0.99", "train_svd", "decaying", {"init_energy": 0.99}),
@@ -150,6 +153,19 @@ def train_two_steps(model, svd: bool, batch: int, seq: int) -> None:
         Trainer(model=model, args=TrainingArguments(**common), train_dataset=data).train()
 
 
+def calibration_data(model, spec: dict):
+    """16 batches of 8 random token sequences (`spec["seq"]` long), as `CalibrationData`."""
+    import torch
+    from datasets import Dataset
+
+    from hf_svd_compress import CalibrationData
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, model.config.vocab_size, (8 * 16, spec["seq"]), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
+    return CalibrationData(data, batch_size=8, max_batches=16)
+
+
 def child(spec: dict) -> dict:
     """Run one measurement in this (fresh) process; returns MB figures."""
     import torch
@@ -172,6 +188,8 @@ def child(spec: dict) -> dict:
     start = time.perf_counter()
     if spec["op"] == "factor":
         svd_factorize_(model, svd_config(spec["options"], hidden))
+    elif spec["op"] == "calibrate":
+        svd_factorize_(model, svd_config(spec["options"], hidden), calibration=calibration_data(model, spec))
     elif spec["op"].startswith("train"):
         train_two_steps(model, spec["op"] == "train_svd", spec["batch"], spec["seq"])
     result["seconds"] = time.perf_counter() - start
@@ -229,7 +247,7 @@ def main() -> None:
         return
 
     shape, layers, batch, seq = ("tiny", 2, 4, 32) if cli.tiny else ("bert-base", cli.layers, cli.batch, cli.seq)
-    cases = [c for c in CASES if not cli.tiny or c[3] == {} or c[1] == "train_dense"]
+    cases = [c for c in CASES if not cli.tiny or c[3] == {} or c[1] in ("train_dense", "calibrate")]
     specs = [
         dict(shape=shape, layers=layers, weights=w, op=op, options=o or {}, batch=batch, seq=seq, threads=cli.threads)
         for _, op, w, o in cases

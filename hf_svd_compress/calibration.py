@@ -184,6 +184,10 @@ def activation_scales(
     return {n: (_all_reduce(sums[n]) / max(1.0, totals[n])).pow(alpha).float() for n in names}
 
 
+class _Seen(Exception):
+    """Raised by the last hooked layer of a batch: the rest of the forward pass is not needed."""
+
+
 def _run_hooked(
     model: nn.Module,
     modules: dict[str, nn.Module],
@@ -192,9 +196,14 @@ def _run_hooked(
     accumulate: Callable[[str, torch.Tensor, dict, torch.Tensor], None],
 ) -> dict[str, float]:
     """Run the calibration data through `model` in eval mode with a pre-hook on each of `names` that hands the
-    layer's unpadded input rows to `accumulate`; returns the all-reduced row count per layer."""
+    layer's unpadded input rows to `accumulate`; returns the all-reduced row count per layer.
+
+    A batch's forward pass stops once every layer of `names` has seen it (the later layers are not needed), so
+    streaming a model chunk by chunk costs about half a full pass per chunk.
+    """
     rows_seen = dict.fromkeys(names, 0)
-    state: dict[str, Any] = {"mask": None, "seen": {}}
+    state: dict[str, Any] = {"mask": None, "seen": {}, "layers": set()}
+    early = data.run_model is None  # a user's run_model is left to finish
 
     def record(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -203,6 +212,9 @@ def _run_hooked(
             rows = x[pad.bool()] if keep else x.reshape(-1, x.shape[-1])
             accumulate(name, rows, state["seen"], x)
             rows_seen[name] += rows.shape[0]
+            state["layers"].add(name)
+            if early and len(state["layers"]) == len(names):
+                raise _Seen
 
         return hook
 
@@ -215,9 +227,11 @@ def _run_hooked(
         else:
             device = next(model.parameters()).device
             for batch in data.batches(device):
-                state["mask"], state["seen"] = batch.get("attention_mask"), {}
+                state["mask"], state["seen"], state["layers"] = batch.get("attention_mask"), {}, set()
                 try:
                     model(**batch)
+                except _Seen:
+                    pass
                 except (TypeError, ValueError) as err:
                     raise ValueError(
                         f"The model does not accept the calibration batches (keys {sorted(batch)}): {err}. Pass the "
