@@ -57,7 +57,6 @@ from hf_svd_compress import (
     input_covariances,
     prune_,
     svd_factorize_,
-    svd_layers,
     truncate_,
 )
 
@@ -237,7 +236,7 @@ class Ladder:
 
     def _whitened_ft(self, budget: float, seed: int) -> tuple:
         model = self._whitened()
-        uniform_ranks_(model, budget, BASELINE.prune_rank_multiple)
+        prune_(model, budget=budget, rank_multiple=BASELINE.prune_rank_multiple, allocation="uniform")
         return self._cut_and_train(model, seed)
 
     def _whitened_global_ft(self, budget: float, seed: int, distill: bool = False) -> tuple:
@@ -255,7 +254,7 @@ class Ladder:
 
     def _whitened_uniform_kd(self, budget: float, seed: int) -> tuple:
         model = self._whitened()
-        uniform_ranks_(model, budget, BASELINE.prune_rank_multiple)
+        prune_(model, budget=budget, rank_multiple=BASELINE.prune_rank_multiple, allocation="uniform")
         return self._cut_and_train(model, seed, distill=True)
 
     def _default_at_start(self, budget: float, seed: int) -> tuple:
@@ -298,19 +297,6 @@ class _Loss(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "train_loss" in logs:
             self.store["train_loss"] = logs["train_loss"]
-
-
-def uniform_ranks_(model: torch.nn.Module, budget: float, multiple: int) -> dict[str, int]:
-    """SVD-LLM's allocation: every layer keeps `budget` of its own parameters, `r = budget m n / (m + n)`."""
-    ranks = {}
-    for name, layer in svd_layers(model).items():
-        m, n = layer.out_features, layer.in_features
-        rank = max(multiple, math.floor(budget * m * n / (m + n) / multiple) * multiple)
-        keep = torch.zeros_like(layer.mask)
-        keep[torch.argsort(layer.s.detach().abs(), descending=True)[:rank]] = True
-        layer.mask.copy_(keep)
-        ranks[name] = rank
-    return ranks
 
 
 def commit() -> str:

@@ -14,7 +14,7 @@ SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
 # their tensor-train form (STTP), or a CUR decomposition built from actual columns and rows of the weight.
 PARAMETERIZATIONS = ("svd", "householder", "sttp", "cur")
 # How `prune_(budget=)` shares a budget across layers (see `pruning.greedy_ranks` and `pruning.budget_ranks`).
-ALLOCATIONS = ("greedy", "threshold")
+ALLOCATIONS = ("greedy", "threshold", "uniform")
 # How an `nn.Conv2d` weight [Cout, Cin, kh, kw] is flattened to a matrix before its SVD (Yang et al.).
 CONV_MODES = ("channel", "spatial")
 
@@ -59,7 +59,7 @@ class SVDConfig:
         prune_allocation (`str`, defaults to `"greedy"`):
             How a budget is shared across layers: `"greedy"` keeps the singular triplets of highest
             `s_i^2 / (m + n)` (output error per parameter with whitened factors), `"threshold"` the same energy
-            fraction in every layer.
+            fraction in every layer, `"uniform"` the same fraction of every layer's own weights (SVD-LLM).
         prune_rank_multiple (`int`, defaults to 8):
             Round each pruned rank up to a multiple of this: GEMMs with an inner size that is a multiple of 8 run
             35-50% faster on CPUs (MKL) and use GPU tensor cores. 1 keeps the exact energy / budget ranks.
@@ -110,7 +110,7 @@ class SVDConfig:
     )
     prune_allocation: str = field(
         default="greedy",
-        metadata={"help": "How a budget is shared: 'greedy' (best s^2 / (m + n) first) or 'threshold' (one energy)."},
+        metadata={"help": "How a budget is shared: 'greedy' (best s^2 / (m + n)), 'threshold' or 'uniform'."},
     )
     prune_rank_multiple: int = field(
         default=8, metadata={"help": "Round pruned ranks up to a multiple of this (1: no rounding)."}

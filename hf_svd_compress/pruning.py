@@ -135,6 +135,17 @@ def greedy_ranks(layers: dict[str, SVDLinear], budget: float, rank_multiple: int
     return ranks
 
 
+def uniform_ranks(layers: dict[str, SVDLinear], budget: float, rank_multiple: int = 1) -> dict[str, int]:
+    """SVD-LLM's allocation: every layer keeps `budget` of its own weights, `r = budget m n / (m + n)` rounded down
+    to `rank_multiple` (at least one block, at most the live count)."""
+    ranks = {}
+    for name, layer in layers.items():
+        m, n, live = layer.out_features, layer.in_features, int(layer.mask.sum())
+        rank = int(budget * m * n / (m + n)) // rank_multiple * rank_multiple
+        ranks[name] = max(1, min(live, max(rank, rank_multiple)))
+    return ranks
+
+
 @torch.no_grad()
 def prune_(
     model: nn.Module,
@@ -156,7 +167,8 @@ def prune_(
             the rounded ranks fit the budget; with energy they keep at least `energy`.
         allocation (`str`, defaults to `"greedy"`): How a budget is shared (`ALLOCATIONS`): `"greedy"` keeps the
             triplets of highest `s_i^2 / (m + n)` across all layers (`greedy_ranks`); `"threshold"` keeps the same
-            energy fraction in every layer (`budget_ranks`).
+            energy fraction in every layer (`budget_ranks`); `"uniform"` keeps `budget` of every layer's own weights
+            (`uniform_ranks`, SVD-LLM's).
 
     Returns:
         `{module_name: rank}` of the live ranks after pruning. Already-masked values stay masked.
@@ -183,6 +195,8 @@ def prune_(
             ranks = energy_ranks(layers, energy, rank_multiple=rank_multiple)
         elif allocation == "greedy":
             ranks = greedy_ranks(layers, budget, rank_multiple=rank_multiple)
+        elif allocation == "uniform":
+            ranks = uniform_ranks(layers, budget, rank_multiple=rank_multiple)
         else:
             ranks = budget_ranks(layers, budget, rank_multiple=rank_multiple)
         for name, layer in layers.items():
