@@ -337,3 +337,13 @@ def test_rank_multiple_falls_back_to_exact_ranks_when_rounding_cannot_fit():
     model = _toy_factored([[float(40 - i) for i in range(40)]] * 2)
     ranks = prune_(model, budget=0.05, rank_multiple=8)  # rank 8 alone would keep 40% of a 40 x 40 layer
     assert sum(layer_params(40, 40, r) for r in ranks.values()) <= 0.05 * 2 * 40 * 40
+
+
+def test_uniform_budget_keeps_the_same_fraction_of_every_layer():
+    flat, steep = np.ones(16), 10.0 * 0.5 ** np.arange(16)
+    model = spectrum_model([flat, steep, flat], [(16, 16), (16, 16), (48, 16)])
+    ranks = prune_(model, budget=0.5, allocation="uniform")
+    assert ranks == {"blocks.0": 4, "blocks.1": 4, "blocks.2": 6}  # 0.5 m n / (m + n), rounded down
+    assert prune_(spectrum_model([flat], [(16, 16)]), budget=0.5, rank_multiple=8, allocation="uniform") == {
+        "blocks.0": 8  # at least one block
+    }
