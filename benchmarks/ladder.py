@@ -16,11 +16,14 @@ learning-rate schedule:
 - `whitened_ft` whitened SVD (SVD-LLM: `svd_factorize_(..., calibration=)`), the same rank fraction in every layer,
   + fine-tuning;
 - `whitened_global_ft` the same with the greedy loss-per-parameter budget (`allocation="greedy"`);
-- `whitened_global_kd` + distillation;
-- `default` the library's defaults: `compress(model, train, args, budget=b)` (whitened, greedy,
-  gradual pruning while training, distillation);
-- `default_reg` (ablation) the defaults plus the SVD-training regularizers (orthogonality 0.1, Hoyer 1e-2 with `s`
-  at 100x the learning rate until the budget is reached).
+- `whitened_global_kd` + distillation; `whitened_threshold_kd` / `whitened_uniform_kd` the same with one energy
+  threshold for all layers / the same rank fraction per layer;
+- `default` the library's defaults: `compress(model, train, args, budget=b)` (whitened, one energy threshold, cut
+  right after factoring, fine-tuning of the factors with distillation);
+- `gradual_greedy_kd` (ablation) the first design of the defaults: greedy budget, pruned gradually while training
+  (from 20% to 60% of the steps), distillation;
+- `default_reg` (ablation) SVD training proper: pruned gradually while training with the regularizers
+  (orthogonality 0.1, Hoyer 1e-2 with `s` at 100x the learning rate until the budget is reached), distillation.
 
 Each finished run writes one JSON file, `<results_dir>/<task>/<steps>/<method>@<budget>@seed<seed>.json`, with `task`,
 `method`, `role` (`dense`, `baseline`, `ablation` or `default`), `budget`, `seed`, `steps`, `test_accuracy` (percent)
@@ -74,7 +77,7 @@ ROLES = {
     "default_reg": "ablation",
     "whitened_threshold_kd": "ablation",
     "whitened_uniform_kd": "ablation",
-    "default_at_start": "ablation",
+    "gradual_greedy_kd": "ablation",
 }
 LABELS = {
     "dense": "dense fine-tuned (reference)",
@@ -84,11 +87,11 @@ LABELS = {
     "whitened_ft": "whitened SVD (SVD-LLM), uniform ranks + FT",
     "whitened_global_ft": "whitened SVD, greedy global budget + FT",
     "whitened_global_kd": "whitened SVD, greedy global budget + FT + distillation",
-    "default": "**defaults: `compress()`** (whitened, greedy, gradual pruning while training, distillation)",
-    "default_reg": "defaults + orthogonality / Hoyer regularizers (ablation)",
+    "default": "**defaults: `compress()`** (whitened, one energy threshold, cut at the start, FT + distillation)",
+    "default_reg": "SVD training: gradual pruning while training + orthogonality / Hoyer, whitened, distillation",
     "whitened_threshold_kd": "whitened SVD, one energy threshold + FT + distillation",
     "whitened_uniform_kd": "whitened SVD, uniform ranks + FT + distillation",
-    "default_at_start": "`compress(schedule='at_start')`: whitened, cut to the budget at once, distillation",
+    "gradual_greedy_kd": "first design: whitened, greedy s^2/(m+n), gradual pruning while training, distillation",
 }
 BASELINE = SVDConfig(orth_weight=0.0, sparsity=None)
 DISTILL = {"distill_alpha": 0.5, "distill_hidden_weight": 1.0}
@@ -257,11 +260,11 @@ class Ladder:
         prune_(model, budget=budget, rank_multiple=BASELINE.prune_rank_multiple, allocation="uniform")
         return self._cut_and_train(model, seed, distill=True)
 
-    def _default_at_start(self, budget: float, seed: int) -> tuple:
-        return self._default(budget, seed, schedule="at_start")
+    def _gradual_greedy_kd(self, budget: float, seed: int) -> tuple:
+        return self._default(budget, seed, compress_config(prune_allocation="greedy"), schedule="gradual")
 
     def _default(
-        self, budget: float, seed: int, config: SVDConfig | None = None, schedule: str = "gradual", **extra: Any
+        self, budget: float, seed: int, config: SVDConfig | None = None, schedule: str = "at_start", **extra: Any
     ) -> tuple:
         setup, s = self.bench.setup(), self.settings
         model = self.bench.fresh_dense()
@@ -285,7 +288,7 @@ class Ladder:
 
     def _default_reg(self, budget: float, seed: int) -> tuple:
         config = compress_config(orth_weight=0.1, sparsity="hoyer", sparsity_weight=1e-2)
-        return self._default(budget, seed, config, singular_value_lr_scale=100.0)
+        return self._default(budget, seed, config, schedule="gradual", singular_value_lr_scale=100.0)
 
 
 class _Loss(TrainerCallback):

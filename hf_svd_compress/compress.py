@@ -3,10 +3,13 @@
 1. Calibrate: the input covariance of every target layer over the first training batches.
 2. Factor every target at full rank in whitened coordinates (`svd_factorize_(..., calibration=)`), so `s_i^2` is
    the output error of dropping triplet `i`.
-3. One `SVDTrainer` run, one learning-rate schedule: distillation from the dense model (logits and hidden states),
-   gradual pruning to the budget by the greedy loss-per-parameter allocation from 20% to 60% of the steps, then the
-   pruned model trains on to the last step.
-4. Truncate: the model that comes back holds only the kept singular triplets.
+3. Cut to the budget (one energy threshold for every layer, in whitened coordinates) and truncate.
+4. One `SVDTrainer` run, one learning-rate schedule: the factors `U`, `s`, `V` of the truncated model train with
+   distillation from the dense model (logits and hidden states).
+
+`schedule="gradual"` instead prunes while training (SVD training proper: from 20% to 60% of the steps, then the
+pruned model trains on); `prune_allocation="greedy"` ranks triplets by `s_i^2 / (m + n)` across layers. The ladder
+measured both below the defaults (docs/benchmarks.md).
 
 docs/benchmarks.md measures each part (the ladder) against truncated SVD, ASVD and whitened SVD with fine-tuning.
 """
@@ -45,7 +48,7 @@ def compress(
     init: str = "whitened",
     calibration_batches: int = 64,
     truncate: bool = True,
-    schedule: str = "gradual",
+    schedule: str = "at_start",
     **trainer_kwargs: Any,
 ) -> nn.Module:
     """Compress `model` to `budget` of its target layers' parameters, in place, and return it.
@@ -55,9 +58,10 @@ def compress(
             and truncated in place.
         train_dataset: The training examples (their first batches also calibrate the factors).
         args (`SVDTrainingArguments`): The training loop: `max_steps` (at least 10), learning rate, batch size,
-            output_dir, seed. Unless set, gradual pruning runs from 20% (`prune_start_step`) to 60% of the steps
-            (`prune_at_step`), where it reaches the budget; `distill_alpha` 0 turns the teacher off (default 0.5,
-            with `distill_hidden_weight` 1.0); the regularizer fields override `config`'s, as in `SVDTrainer`.
+            output_dir, seed. With `schedule="gradual"`, unless set, pruning runs from 20% (`prune_start_step`) to
+            60% of the steps (`prune_at_step`), where it reaches the budget. `distill_alpha` 0 turns the teacher
+            off (default 0.5, with `distill_hidden_weight` 1.0); the regularizer fields override `config`'s, as in
+            `SVDTrainer`.
         budget (`float`, *optional*): Fraction of the target layers' dense parameters kept, in (0, 1); default
             `args.prune_budget`, else 0.5.
         config (`SVDConfig`, *optional*): The targets and regularizers; defaults to `compress_config()`.
@@ -68,10 +72,10 @@ def compress(
         calibration_batches (`int`, defaults to 64): Training batches of `args.per_device_train_batch_size` that
             calibrate a data-aware `init`.
         truncate (`bool`, defaults to `True`): Slice the pruned triplets off at the end; `False` leaves them masked
-            (a model `prune_` can prune further, e.g. to save with `save_pretrained`).
-        schedule (`str`, defaults to `"gradual"`): `"gradual"` prunes while training (see `args`); `"at_start"`
-            cuts to the budget right after factoring (`config.prune_allocation`) and trains the truncated model for
-            every step (cheaper steps; `prune_start_step` / `prune_at_step` must be unset).
+            with `schedule="gradual"` (`"at_start"` truncates before training, which makes its steps cheaper).
+        schedule (`str`, defaults to `"at_start"`): `"at_start"` cuts to the budget right after factoring
+            (`config.prune_allocation`) and trains the truncated model for every step (cheaper steps;
+            `prune_start_step` / `prune_at_step` must be unset); `"gradual"` prunes while training (see `args`).
         **trainer_kwargs: Passed to `SVDTrainer` (`eval_dataset`, `processing_class`, `compute_metrics`, ...).
 
     Returns:
@@ -148,11 +152,11 @@ def _first_set(*values: Any) -> Any:
 
 
 def compress_config(**overrides: Any) -> SVDConfig:
-    """The `SVDConfig` of `compress`: per-architecture targets, greedy allocation, no regularizer terms.
+    """The `SVDConfig` of `compress`: per-architecture targets, one energy threshold, no regularizer terms.
 
     The orthogonality and sparsity terms are off: the ablation in docs/benchmarks.md measured neither helping at
     these step counts (orthogonality is also the costliest part of a step). Turn them on with `orth_weight` and
     `sparsity` here or in `SVDTrainingArguments`.
     """
-    settings = {"orth_weight": 0.0, "sparsity": None, "prune_allocation": "greedy", **overrides}
+    settings = {"orth_weight": 0.0, "sparsity": None, "prune_allocation": "threshold", **overrides}
     return SVDConfig(**settings)

@@ -56,7 +56,7 @@ class SVDConfig:
             Fraction of each layer's spectral energy (sum of s^2) kept by energy pruning, in (0, 1].
         prune_budget (`float`, *optional*):
             If set, prune to this global fraction of the factored layers' parameters instead, in (0, 1).
-        prune_allocation (`str`, defaults to `"greedy"`):
+        prune_allocation (`str`, defaults to `"threshold"`):
             How a budget is shared across layers: `"greedy"` keeps the singular triplets of highest
             `s_i^2 / (m + n)` (output error per parameter with whitened factors), `"threshold"` the same energy
             fraction in every layer, `"uniform"` the same fraction of every layer's own weights (SVD-LLM).
@@ -109,7 +109,7 @@ class SVDConfig:
         default=None, metadata={"help": "Global fraction of factored-layer parameters kept, in (0, 1)."}
     )
     prune_allocation: str = field(
-        default="greedy",
+        default="threshold",
         metadata={"help": "How a budget is shared: 'greedy' (best s^2 / (m + n)), 'threshold' or 'uniform'."},
     )
     prune_rank_multiple: int = field(

@@ -20,7 +20,7 @@ import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .compress import DEFAULT_BUDGET, INITS, compress, compress_config
+from .compress import DEFAULT_BUDGET, INITS, SCHEDULES, compress, compress_config
 from .config import SVDConfig
 from .export import _holds_model, save_compressed
 from .factorize import svd_layers
@@ -39,8 +39,8 @@ class PipelineArguments:
     svd_steps: int = field(
         default=150,
         metadata={
-            "help": "Steps of SVD training (compress): whitened factors, distillation, gradual pruning to the budget "
-            "from 20% to 60% of the steps (--prune_start_step / --prune_at_step), then the pruned model trains on."
+            "help": "Steps of SVD training (compress): the whitened factors, cut to the budget (--schedule), train "
+            "with distillation from the dense model, in one learning-rate schedule."
         },
     )
     finetune_steps: int = field(
@@ -69,6 +69,13 @@ class PipelineArguments:
     calibration_batches: int = field(
         default=64, metadata={"help": "Training batches whose inputs set the data-aware factors."}
     )
+    schedule: str = field(
+        default="at_start",
+        metadata={
+            "help": "'at_start': cut to the budget right after factoring, then train the truncated factors; "
+            "'gradual': prune while training (--prune_start_step to --prune_at_step, default 20% to 60%)."
+        },
+    )
     finetune_lr_scale: float = field(
         default=1.0,
         metadata={"help": "Learning rate of the extra fine-tuning stage, as a multiple of --learning_rate."},
@@ -84,6 +91,8 @@ class PipelineArguments:
             raise ValueError(f"--finetune_lr_scale {self.finetune_lr_scale}: must be > 0.")
         if self.init not in INITS:
             raise ValueError(f"--init {self.init!r}: use one of {INITS}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule {self.schedule!r}: use one of {SCHEDULES}.")
         if self.svd_steps < 10:
             raise ValueError(f"--svd_steps {self.svd_steps}: must be >= 10 (it prunes gradually), e.g. 150.")
 
@@ -175,6 +184,11 @@ def check_schedule(pipeline_args: PipelineArguments, args: SVDTrainingArguments)
             f"{DEFAULT_BUDGET}); to prune by energy, run `hf-svd-compress prune <output_dir>/factored --energy "
             f"{args.prune_energy}` on its factored model."
         )
+    if pipeline_args.schedule == "at_start" and (start is not None or at is not None):
+        raise ValueError(
+            "--prune_start_step / --prune_at_step prune while training: add --schedule gradual (the default, "
+            "at_start, cuts to the budget before training)."
+        )
     if at is not None and not 1 <= at <= steps:
         raise ValueError(
             f"--prune_at_step {at}: in the pipeline it is a step of the SVD stage ({steps} steps, --svd_steps), "
@@ -208,7 +222,8 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     if config.prune_rank_multiple > 1:
         how["rank_multiple"] = config.prune_rank_multiple
     steps, budget = pipeline_args.svd_steps, config.prune_budget
-    stage(f"2/4 SVD training from {pipeline_args.init} factors, pruning to {budget:g}, for {steps} steps", args)
+    cut = "cut to" if pipeline_args.schedule == "at_start" else "pruning gradually to"
+    stage(f"2/4 SVD training from {pipeline_args.init} factors, {cut} {budget:g}, for {steps} steps", args)
     spectra = _Spectra()
     pruning = {"prune_at_step": args.prune_at_step, "prune_start_step": args.prune_start_step}
     compress(
@@ -220,6 +235,7 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
         init=pipeline_args.init,
         calibration_batches=pipeline_args.calibration_batches,
         truncate=False,
+        schedule=pipeline_args.schedule,
         eval_dataset=setup.eval_dataset,
         processing_class=setup.processing_class,
         compute_metrics=setup.compute_metrics,

@@ -152,7 +152,7 @@ def prune_(
     energy: float | None = None,
     budget: float | None = None,
     rank_multiple: int = 1,
-    allocation: str = "greedy",
+    allocation: str = "threshold",
 ) -> dict[str, int]:
     """Mask the smallest singular values of every factored layer, in place (shapes unchanged, DDP-safe).
 
@@ -165,10 +165,10 @@ def prune_(
         rank_multiple (`int`, defaults to 1): Round each kept rank up to a multiple of this (8 makes the exported
             layers' GEMMs 35-50% faster on CPUs and fits GPU tensor cores; see docs/benchmarks.md). Under a budget
             the rounded ranks fit the budget; with energy they keep at least `energy`.
-        allocation (`str`, defaults to `"greedy"`): How a budget is shared (`ALLOCATIONS`): `"greedy"` keeps the
-            triplets of highest `s_i^2 / (m + n)` across all layers (`greedy_ranks`); `"threshold"` keeps the same
-            energy fraction in every layer (`budget_ranks`); `"uniform"` keeps `budget` of every layer's own weights
-            (`uniform_ranks`, SVD-LLM's).
+        allocation (`str`, defaults to `"threshold"`): How a budget is shared (`ALLOCATIONS`): `"threshold"`
+            keeps the same energy fraction in every layer (`budget_ranks`); `"greedy"` keeps the triplets of highest
+            `s_i^2 / (m + n)` across all layers (`greedy_ranks`); `"uniform"` keeps `budget` of every layer's own
+            weights (`uniform_ranks`, SVD-LLM's). The ladder (docs/benchmarks.md) measured threshold best.
 
     Returns:
         `{module_name: rank}` of the live ranks after pruning. Already-masked values stay masked.

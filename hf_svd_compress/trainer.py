@@ -155,7 +155,7 @@ class SVDPruningCallback(TrainerCallback):
         budget (`float`, *optional*): Global parameter fraction kept (see `prune_`).
         rank_multiple (`int`, defaults to 1): Round the ranks up to a multiple of this (see `prune_`).
         start_step (`int`, *optional*): First step of gradual pruning (below `at_step`); unset: one cut.
-        allocation (`str`, defaults to `"greedy"`): How a budget is shared across layers (see `prune_`).
+        allocation (`str`, defaults to `"threshold"`): How a budget is shared across layers (see `prune_`).
     """
 
     def __init__(
@@ -165,7 +165,7 @@ class SVDPruningCallback(TrainerCallback):
         budget: float | None = None,
         rank_multiple: int = 1,
         start_step: int | None = None,
-        allocation: str = "greedy",
+        allocation: str = "threshold",
     ) -> None:
         if start_step is not None and not 0 <= start_step < at_step:
             raise ValueError(f"start_step={start_step}: must be in [0, at_step={at_step}) for gradual pruning.")
