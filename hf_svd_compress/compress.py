@@ -100,7 +100,7 @@ def compress(
         )
     if not (isinstance(args.max_steps, int) and args.max_steps >= 10):
         raise ValueError(
-            f"compress needs args.max_steps >= 10 (got {args.max_steps}): it prunes gradually over the run; e.g. 150."
+            f"compress needs args.max_steps >= 10 (got {args.max_steps}): it trains the factors over them; e.g. 150."
         )
     if train_dataset is None or len(train_dataset) == 0:
         raise ValueError("compress got no training examples: it trains (and calibrates) on train_dataset.")

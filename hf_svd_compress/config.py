@@ -13,7 +13,7 @@ SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
 # How a factored layer is parameterized: the regularized SVD (the default), Householder-orthonormal factors (SVDP),
 # their tensor-train form (STTP), or a CUR decomposition built from actual columns and rows of the weight.
 PARAMETERIZATIONS = ("svd", "householder", "sttp", "cur")
-# How `prune_(budget=)` shares a budget across layers (see `pruning.greedy_ranks` and `pruning.budget_ranks`).
+# How `prune_(budget=)` shares a budget across layers (`pruning.greedy_ranks`, `budget_ranks`, `uniform_ranks`).
 ALLOCATIONS = ("greedy", "threshold", "uniform")
 # How an `nn.Conv2d` weight [Cout, Cin, kh, kw] is flattened to a matrix before its SVD (Yang et al.).
 CONV_MODES = ("channel", "spatial")

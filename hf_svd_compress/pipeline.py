@@ -1,5 +1,5 @@
-"""The whole compression pipeline: dense fine-tune, `compress` (whitened factors, SVD training while pruning to the
-budget, distillation), an optional extra fine-tuning stage, export.
+"""The whole compression pipeline: dense fine-tune, `compress` (whitened factors cut to the budget, then trained with
+distillation; or pruned gradually while training), an optional extra fine-tuning stage, export.
 
 Shared by the `hf-svd-compress compress` command and the recipes; the task-specific part (model, data, collator,
 metrics) comes in as a `TaskSetup`.
@@ -94,7 +94,7 @@ class PipelineArguments:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule {self.schedule!r}: use one of {SCHEDULES}.")
         if self.svd_steps < 10:
-            raise ValueError(f"--svd_steps {self.svd_steps}: must be >= 10 (it prunes gradually), e.g. 150.")
+            raise ValueError(f"--svd_steps {self.svd_steps}: must be >= 10, e.g. 150.")
 
     def svd_config(self, args: SVDTrainingArguments) -> SVDConfig:
         """The `SVDConfig` for these targets and the regularizer/pruning settings in `args`."""
@@ -278,7 +278,7 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
 
 
 class _Spectra(TrainerCallback):
-    """The singular values of the factored model as training starts (after factoring, before any cut)."""
+    """The singular values of the factored model as training starts (with `--schedule at_start`: after the cut)."""
 
     def __init__(self) -> None:
         self.initial: dict[str, list[float]] = {}
@@ -289,8 +289,8 @@ class _Spectra(TrainerCallback):
 
 
 def _save_factored(setup: TaskSetup, folder: Path, args: TrainingArguments) -> None:
-    """The trained factored model with its pruning masks (untruncated, whitened spectra), for `hf-svd-compress prune`
-    to cut further at another energy or a smaller budget."""
+    """The trained factored model (truncated with `--schedule at_start`, masked with `gradual`), for
+    `hf-svd-compress prune` to cut further at another energy or a smaller budget."""
     if args.process_index == 0:
         setup.model.save_pretrained(folder)
         if setup.processing_class is not None:

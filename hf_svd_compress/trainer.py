@@ -77,7 +77,8 @@ class SVDTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Prune at this optimizer step, then fine-tune with the sparsity regularizer off. In the CLI and "
-            "recipes: a step of the SVD stage (default: its last), where pruning reaches its target."
+            "recipes (with --schedule gradual): a step of the SVD stage (default: 60% of it), where pruning reaches "
+            "its target."
         },
     )
     prune_start_step: int | None = field(
@@ -85,7 +86,7 @@ class SVDTrainingArguments(TrainingArguments):
         metadata={
             "help": "Prune gradually from this step to prune_at_step: the kept fraction falls on a cubic schedule "
             "(Zhu & Gupta 2017, AdaLoRA) so the model adapts to each cut. Unset: one cut at prune_at_step. In the "
-            "CLI and recipes: a step of the SVD stage, which then prunes gradually up to its last step."
+            "CLI and recipes (with --schedule gradual): a step of the SVD stage (default: 20% of it)."
         },
     )
     prune_energy: float | None = field(

@@ -35,7 +35,9 @@ def test_compress_returns_a_truncated_model_within_the_budget(tmp_path, schedule
 
 
 def test_compress_can_leave_the_cut_as_masks_and_start_from_other_factors(tmp_path):
-    model = compress(make_bert(), tokens(), args(tmp_path, max_steps=10), init="asvd", truncate=False)
+    model = compress(
+        make_bert(), tokens(), args(tmp_path, max_steps=10), init="asvd", truncate=False, schedule="gradual"
+    )
     layers = svd_layers(model).values()
     assert all(layer.input_scale is not None and layer.rank < layer.full_rank for layer in layers)
     assert kept_fraction(model) <= 0.5  # the default budget

@@ -48,5 +48,9 @@ def test_negative_step_counts_are_refused():
 def test_the_pipeline_defaults_are_compress_defaults(tmp_path):
     config = PipelineArguments().svd_config(SVDTrainingArguments(tmp_path, use_cpu=True))
     assert config == compress_config(prune_budget=0.5)
-    assert (config.orth_weight, config.sparsity, config.prune_allocation) == (0.0, None, "greedy")
-    assert (PipelineArguments().init, PipelineArguments().finetune_steps) == ("whitened", 0)
+    assert (config.orth_weight, config.sparsity, config.prune_allocation) == (0.0, None, "threshold")
+    assert (PipelineArguments().init, PipelineArguments().schedule, PipelineArguments().finetune_steps) == (
+        "whitened",
+        "at_start",
+        0,
+    )
