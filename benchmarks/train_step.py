@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py                      # BERT-base-shaped (4 layers) and MiniLM, seq 128, batch 16
     python benchmarks/train_step.py --models tiny --steps 3   # the CI smoke run
-    python benchmarks/train_step.py --defaults                # compress()'s defaults, without and with the teacher
+    python benchmarks/train_step.py --defaults                # compress()'s step at 50%, without and with the teacher
 
 Both trainers run in this one process, alternating in rounds so machine noise hits both alike; the table gives the
 mean step times and their ratio (goal: SVD / dense <= 1.25 on the CPU). Means, not medians: with
@@ -30,7 +30,15 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_svd_compress import SVDConfig, SVDTrainer, SVDTrainingArguments, compress_config, svd_factorize_
+from hf_svd_compress import (
+    SVDConfig,
+    SVDTrainer,
+    SVDTrainingArguments,
+    compress_config,
+    prune_,
+    svd_factorize_,
+    truncate_,
+)
 
 SHAPES = {
     "bert-base-4l": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=4),
@@ -94,12 +102,16 @@ def benchmark(
 ) -> list[dict]:
     """Dense and every `(regularizer_interval, orth_probes)` variant, taking turns in each round.
 
-    With `defaults`, the variants are `compress()`'s SVD training at full rank (no regularizer terms), without and
-    with the dense teacher (logit and hidden-state distillation), instead of the regularized ones.
+    With `defaults`, the variants are `compress()`'s training step: the factored model cut to half its factored
+    parameters and truncated (plain SVD factors: the same shapes as whitened ones), no regularizer terms, without
+    and with the dense teacher (logit and hidden-state distillation), instead of the regularized full-rank ones.
     """
     dense = build_model(name)
     config = compress_config() if defaults else SVDConfig(sparsity="hoyer", sparsity_weight=1e-3)
     factored = {v: svd_factorize_(build_model(name), config) for v in variants}
+    for model in factored.values() if defaults else ():
+        prune_(model, budget=0.5, rank_multiple=config.prune_rank_multiple)
+        truncate_(model)
     teachers = {v: build_model(name).eval() if defaults and v[1] == "teacher" else None for v in variants}
     data = batch_data(batch, seq, steps + 1, dense.config.vocab_size)
     dense_times: list[tuple[float, float]] = []
