@@ -126,6 +126,7 @@ class Ladder:
         self.bench = Bench(settings, cache / settings.task)
         self.folder = results / settings.task / str(steps)
         self._covariances: dict[str, torch.Tensor] | None = None
+        self._scales: dict[str, torch.Tensor] | None = None
 
     def path(self, method: str, budget: float, seed: int) -> Path:
         return self.folder / f"{method}@{budget:g}@seed{seed}.json"
@@ -216,15 +217,20 @@ class Ladder:
         return self._svd_ft(budget, seed, distill=True)
 
     def _asvd_ft(self, budget: float, seed: int) -> tuple:
-        setup, s = self.bench.setup(), self.settings
-        scales = activation_scales(
-            setup.model, setup.train_dataset, BASELINE, setup.data_collator, s.batch_size, s.calib_batches, 1.0
-        )
-        model = asvd_factorize_(self.bench.fresh_dense(), BASELINE, scales, s.asvd_alpha)
+        model = asvd_factorize_(self.bench.fresh_dense(), BASELINE, self.scales(), self.settings.asvd_alpha)
         prune_(model, budget=budget, rank_multiple=BASELINE.prune_rank_multiple, allocation="threshold")
         truncate_(model)
         normalize_columns_(model)
         return model, self._train(model, seed)
+
+    def scales(self) -> dict[str, torch.Tensor]:
+        """The dense model's mean |input| per channel over the calibration batches (once per process, every seed)."""
+        if self._scales is None:
+            setup, s = self.bench.setup(), self.settings
+            self._scales = activation_scales(
+                setup.model, setup.train_dataset, BASELINE, setup.data_collator, s.batch_size, s.calib_batches, 1.0
+            )
+        return self._scales
 
     def covariances(self) -> dict[str, torch.Tensor]:
         """The dense model's input covariances over the calibration batches (the same for every seed)."""
