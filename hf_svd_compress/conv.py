@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import CONV_MODES
 from .layers import SVDLinear, _svd, energy_rank
-from .templates.modeling_svd_compressed import LowRankConv2d, conv_stages
+from .templates.modeling_svd_compressed import FactoredWeight, LowRankConv2d, conv_stages
 
 __all__ = ["GEOMETRY_KEYS", "SVDConv2d", "check_conv", "conv_tensor_shapes", "kernel_to_matrix"]
 
@@ -289,8 +289,9 @@ class SVDConv2d(SVDLinear):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense kernel (`composed_kernel()`, built on each access); architectures read it for its dtype."""
-        return self.composed_kernel()
+        """The dense kernel as a `FactoredWeight` (`composed_kernel()` when used); architectures read its dtype."""
+        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        return FactoredWeight(self.composed_kernel, shape, self.s)
 
     def kernels(self, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(down, up)` conv kernels of factors `U`, `s`, `V` (`s` folded into `down`), see `conv_tensor_shapes`."""

@@ -11,16 +11,20 @@ its geometry in `svd_compression["convs"]` (an optional entry: files without con
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -33,6 +37,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import HF_MODULES_CACHE
 
 from .config import SVDConfig
 from .conv import GEOMETRY_KEYS, SVDConv2d, conv_tensor_shapes
@@ -43,7 +48,7 @@ from .hub import push_compressed_to_hub
 from .layers import SVDLinear, dense_weight
 from .model_card import render_model_card
 from .pruning import BREAK_EVEN
-from .templates.modeling_svd_compressed import LowRankLinear
+from .templates.modeling_svd_compressed import GUARD_KEY, LowRankLinear, guard_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -161,17 +166,22 @@ def load_compressed(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     device: torch.device | str | None = None,
+    trainable: bool = False,
 ) -> PreTrainedModel:
-    """Rebuild a model written by `save_compressed` with `SVDLinear` layers (ready for `SVDTrainer` or re-export).
+    """Load a model written by `save_compressed`: the lean inference form, or `SVDLinear` layers to train further.
 
     Args:
         path_or_repo_id (`str` or `os.PathLike`): A local folder or a Hub repository id.
         revision, token, cache_dir, local_files_only: Passed to `huggingface_hub.snapshot_download` for a repo id.
         device (`torch.device` or `str`, *optional*): Where to put the model (default: CPU).
+        trainable (`bool`, defaults to `False`): Without it, the model of the exported modeling file (what
+            `trust_remote_code=True` loads, generated from this package's template, never the folder's copy): each
+            factored layer a `LowRankLinear`, two matmuls with `s` folded in, no mask. With it, the base
+            architecture with `SVDLinear` layers of the saved ranks, ready for `SVDTrainer`, `prune_` or re-export;
+            its config carries `svd_training` like a model factored by `svd_factorize_`.
 
     Returns:
-        The base architecture (e.g. `BertForSequenceClassification`) in eval mode, each saved module an `SVDLinear`
-        of its saved rank; its config carries `svd_training` like a model factored by `svd_factorize_`.
+        The model in eval mode.
 
     Raises:
         `CompressedFormatError`: missing or unknown `svd_compression` metadata, tensors not matching it (the message
@@ -182,6 +192,30 @@ def load_compressed(
     meta = _check_metadata(config_dict, folder)
     tensors = _read_weights(folder)
     _check_tensors(meta, tensors, folder / WEIGHTS_NAME)
+    if trainable:
+        model = _trainable_model(meta, config_dict, tensors, folder)
+    else:
+        model = _inference_model(meta, config_dict, tensors, folder)
+    return model.to(device).eval() if device is not None else model.eval()
+
+
+def _inference_model(
+    meta: dict[str, Any], config_dict: dict[str, Any], tensors: dict[str, torch.Tensor], folder: Path
+) -> PreTrainedModel:
+    """The exported modeling file's model (`LowRankLinear` layers), loaded from the checked tensors."""
+    module = runtime_module(meta)
+    config = module.SVDCompressedConfig.from_dict(config_dict)
+    model = module.SVDCompressedModel(config).to(_tensor_dtype(tensors))
+    low_rank = [n for n in meta["ranks"] if n not in set(meta.get("dense_modules", []))]
+    markers = guard_tensors(low_rank, next(iter(tensors.values()))) if low_rank else {}
+    _load_strict(model, {k: v for k, v in tensors.items() if k not in markers}, folder)
+    return model
+
+
+def _trainable_model(
+    meta: dict[str, Any], config_dict: dict[str, Any], tensors: dict[str, torch.Tensor], folder: Path
+) -> PreTrainedModel:
+    """The base architecture with `SVDLinear` layers (`SVDConv2d` for convs) of the saved ranks."""
     arch = _transformers_class(meta["base_architecture"])
     config = _transformers_class(meta["base_config_class"]).from_dict(_base_config_dict(config_dict, meta))
     model = arch._from_config(config, dtype=_tensor_dtype(tensors))
@@ -204,7 +238,31 @@ def load_compressed(
             _replace(model, name, SVDLinear.from_linear(module, max_rank=rank))
     svd_config = meta.get("svd_config")
     _attach_svd_config(model, SVDConfig.from_dict(svd_config) if svd_config else SVDConfig(sorted(meta["ranks"])))
-    return model.to(device).eval() if device is not None else model.eval()
+    return model
+
+
+def runtime_module(meta: dict[str, Any]) -> ModuleType:
+    """The modeling file `save_compressed` writes for `meta`, imported from this package's template.
+
+    The source is written once under `HF_MODULES_CACHE/hf_svd_compress/` (a real file, so `save_pretrained` of the
+    model can copy it next to the weights) and imported under a name derived from its hash.
+    """
+    source = _modeling_source(meta)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    name = f"hf_svd_compress_runtime_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(HF_MODULES_CACHE) / "hf_svd_compress" / digest / MODELING_FILE
+    if not path.is_file() or path.read_text() != source:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(source)
+        os.replace(tmp, path)  # atomic: concurrent processes never import a half-written file
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_factored_checkpoint(path: str | os.PathLike, device: torch.device | str | None = None) -> PreTrainedModel:
@@ -464,9 +522,9 @@ def _write_weights(path: Path, tensors: dict[str, torch.Tensor], dense: bool) ->
     metadata = {"format": "pt"}
     low_rank = sorted(k.removesuffix(".down.weight") for k in tensors if k.endswith(".down.weight"))
     if not dense and low_rank:
-        # A zero-size tensor where the base class expects a full weight: a plain `BaseClass.from_pretrained(path)`
-        # (which never reads our config) fails on the size mismatch instead of silently random-initializing.
-        tensors[f"{low_rank[0]}.weight"] = torch.zeros(0, dtype=tensors[f"{low_rank[0]}.down.weight"].dtype)
+        # A plain `BaseClass.from_pretrained(path)` (which never reads our config) fails on the zero-size weight
+        # instead of silently random-initializing, and lists GUARD_KEY, which says how to load.
+        tensors.update(guard_tensors(low_rank, tensors[f"{low_rank[0]}.down.weight"]))
         metadata[METADATA_KEY] = "Load with trust_remote_code=True or hf_svd_compress.load_compressed."
     save_file(tensors, path, metadata=metadata)
 
@@ -633,7 +691,8 @@ def _svd_state_dict(
     tensors: dict[str, torch.Tensor], low_rank: dict[str, int], convs: dict[str, dict] | None = None
 ) -> dict[str, torch.Tensor]:
     """The file's tensors with each `down`/`up` pair turned into `U`, `s`, `V`, `bias`, `mask` (markers dropped)."""
-    state = {k: v for k, v in tensors.items() if not k.startswith(tuple(n + "." for n in low_rank))}
+    prefixes = tuple(n + "." for n in low_rank)
+    state = {k: v for k, v in tensors.items() if k != GUARD_KEY and not k.startswith(prefixes)}
     convs = convs or {}
     for name in low_rank:
         down, up = tensors[f"{name}.down.weight"], tensors[f"{name}.up.weight"]

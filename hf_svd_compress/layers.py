@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .regularizers import orthogonality_loss, sparsity_loss
+from .templates.modeling_svd_compressed import FactoredWeight
 
 # Layer types that `svd_factorize_` can factor: `nn.Linear` and transformers' `Conv1D` (GPT-2 style, weight [in, out]).
 FACTORABLE_TYPES = (nn.Linear, Conv1D)
@@ -149,6 +150,12 @@ class SVDLinear(nn.Module):
     def composed_weight(self) -> torch.Tensor:
         """The dense weight `U diag(s * mask) V^T` (out x in)."""
         return (self.U * self._live_s()) @ self.weight_V().T
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (out x in) as a `FactoredWeight`: its dtype, device and shape cost nothing to read, and
+        any computation with it composes `composed_weight()` (model code such as T5's reads `wo.weight.dtype`)."""
+        return FactoredWeight(self.composed_weight, (self.out_features, self.in_features), self.s)
 
     def to_linear(self) -> nn.Linear:
         """Merge back into a dense `nn.Linear` computing the same function."""

@@ -453,7 +453,7 @@ def test_vit_export_round_trips_through_both_loaders(tmp_path, mode):
     assert tensors[f"{PATCH}.up.weight"].shape == ((32, 5, 1, 1) if mode == "channel" else (32, 5, 1, kw))
     assert tensors[f"{PATCH}.up.bias"].shape == (32,)
 
-    ours = load_compressed(tmp_path / "vit")
+    ours = load_compressed(tmp_path / "vit", trainable=True)
     assert isinstance(ours.get_submodule(PATCH), SVDConv2d) and current_ranks(ours) == current_ranks(model)
     torch.testing.assert_close(logits(ours), expected, atol=1e-5, rtol=1e-4)
 
@@ -467,7 +467,9 @@ def test_vit_export_round_trips_through_both_loaders(tmp_path, mode):
 
     # A model loaded with remote code exports again (its LowRankConv2d read back as SVDConv2d).
     save_compressed(remote, tmp_path / "again")
-    torch.testing.assert_close(logits(load_compressed(tmp_path / "again")), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        logits(load_compressed(tmp_path / "again", trainable=True)), expected, atol=1e-5, rtol=1e-4
+    )
 
 
 def test_vit_conv_stored_dense_when_its_rank_saves_nothing(tmp_path):
@@ -477,7 +479,7 @@ def test_vit_conv_stored_dense_when_its_rank_saves_nothing(tmp_path):
     meta = json.loads((tmp_path / "vit" / "config.json").read_text())[METADATA_KEY]
     assert PATCH in meta["dense_modules"]
     assert load_file(tmp_path / "vit" / "model.safetensors")[f"{PATCH}.weight"].shape == (32, 3, 8, 8)
-    ours = load_compressed(tmp_path / "vit")
+    ours = load_compressed(tmp_path / "vit", trainable=True)
     assert isinstance(ours.get_submodule(PATCH), SVDConv2d)
     torch.testing.assert_close(logits(ours), expected, atol=1e-5, rtol=1e-4)
     remote = AutoModelForImageClassification.from_pretrained(tmp_path / "vit", trust_remote_code=True)

@@ -473,7 +473,7 @@ def test_prune_truncate_fine_tune_export_reload(tmp_path):
     expected = model(**inputs()).logits
 
     path = save_compressed(model, tmp_path / "cur-export")
-    ours = load_compressed(path)
+    ours = load_compressed(path, trainable=True)
     assert current_ranks(ours) == current_ranks(model)
     assert all(isinstance(m, SVDLinear) for m in (ours.get_submodule(n) for n in current_ranks(model)))
     torch.testing.assert_close(ours(**inputs()).logits, expected, rtol=1e-4, atol=1e-5)

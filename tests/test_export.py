@@ -131,17 +131,20 @@ def test_round_trip_with_both_loaders(tmp_path, name, build, inputs, auto_class)
     expected = output(model, inputs())
     save_compressed(model, tmp_path / name)
 
-    ours = load_compressed(tmp_path / name)
+    ours = load_compressed(tmp_path / name, trainable=True)
     assert type(ours) is type(model)
     assert current_ranks(ours) == current_ranks(model)
     torch.testing.assert_close(output(ours, inputs()), expected, atol=1e-5, rtol=1e-4)
 
-    remote = auto_class.from_pretrained(tmp_path / name, trust_remote_code=True).eval()
-    assert isinstance(remote, type(model))
     dense = set(json.loads((tmp_path / name / "config.json").read_text())[METADATA_KEY]["dense_modules"])
-    low_rank = [n for n, m in remote.named_modules() if type(m).__name__ == "LowRankLinear"]
-    assert sorted(low_rank) == sorted(set(current_ranks(model)) - dense)
-    torch.testing.assert_close(output(remote, inputs()), expected, atol=1e-5, rtol=1e-4)
+    remote = auto_class.from_pretrained(tmp_path / name, trust_remote_code=True).eval()
+    lean = load_compressed(tmp_path / name)  # the same classes as the remote code, from our template
+    for loaded in (remote, lean):
+        assert isinstance(loaded, type(model)) and type(loaded).__name__.startswith("SVDCompressed")
+        low_rank = [n for n, m in loaded.named_modules() if type(m).__name__ == "LowRankLinear"]
+        assert sorted(low_rank) == sorted(set(current_ranks(model)) - dense)
+        assert not svd_layers(loaded)
+        torch.testing.assert_close(output(loaded, inputs()), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_remote_auto_model_loads_the_base_model_of_a_classifier(saved_bert):
@@ -152,7 +155,7 @@ def test_remote_auto_model_loads_the_base_model_of_a_classifier(saved_bert):
 
 def test_reexport_of_a_loaded_model_is_identical(saved_bert, tmp_path):
     _, path, _ = saved_bert
-    save_compressed(load_compressed(path), tmp_path / "again")
+    save_compressed(load_compressed(path, trainable=True), tmp_path / "again")
     first, second = load_file(path / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert first.keys() == second.keys()
     for key in first:
@@ -161,12 +164,12 @@ def test_reexport_of_a_loaded_model_is_identical(saved_bert, tmp_path):
 
 def test_loaded_model_can_be_pruned_and_reexported(saved_bert, tmp_path):
     _, path, _ = saved_bert
-    model = load_compressed(path)
+    model = load_compressed(path, trainable=True)
     assert model.config.svd_training["ranks"] == current_ranks(model)
     assert isinstance(model.svd_config, SVDConfig)
     prune_(model, energy=0.5)
     save_compressed(model, tmp_path / "pruned")
-    assert current_ranks(load_compressed(tmp_path / "pruned")) == current_ranks(model)
+    assert current_ranks(load_compressed(tmp_path / "pruned", trainable=True)) == current_ranks(model)
 
 
 def test_bf16_model_keeps_its_dtype(tmp_path):
@@ -223,7 +226,7 @@ def test_config_metadata_and_files(saved_bert):
     # The modeling file imports only torch and transformers.
     source = (path / MODELING_FILE).read_text()
     imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
-    assert imports == {"__future__", "torch", "transformers"}
+    assert imports - set(sys.stdlib_module_names) == {"torch", "transformers"}
     assert 'TASK_MODEL_CLASS = "BertForSequenceClassification"' in source
 
 
@@ -518,7 +521,7 @@ for case in json.loads(sys.argv[1]):
         assert any(type(m).__name__ == "LowRankLinear" for m in model.modules())
     else:
         from hf_svd_compress import SVDLinear, load_compressed
-        model = load_compressed(case["folder"])
+        model = load_compressed(case["folder"], trainable=True)
         assert any(isinstance(m, SVDLinear) for m in model.modules())
     data = load_file(case["data"])
     expected = data.pop("expected")

@@ -314,7 +314,7 @@ def test_export_round_trip_with_both_loaders(kind, tmp_path):
     prune_(model, energy=0.8, rank_multiple=1)
     expected = logits(model)
     save_compressed(model, tmp_path / "export")
-    ours = load_compressed(tmp_path / "export")
+    ours = load_compressed(tmp_path / "export", trainable=True)
     torch.testing.assert_close(logits(ours), expected, atol=1e-5, rtol=1e-4)
     remote = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
     torch.testing.assert_close(logits(remote), expected, atol=1e-5, rtol=1e-4)
@@ -328,7 +328,7 @@ def test_to_householder_converts_a_loaded_export_exactly(kind, tmp_path):
             layer.U.add_(0.05 * torch.randn_like(layer.U))
     prune_(model, energy=0.9, rank_multiple=1)
     save_compressed(model, tmp_path / "export")
-    loaded = load_compressed(tmp_path / "export")
+    loaded = load_compressed(tmp_path / "export", trainable=True)
     expected = logits(model)
     to_householder_(loaded, kind)
     assert loaded.svd_config.parameterization == kind

@@ -201,7 +201,7 @@ def test_bf16_model_trains_and_exports_bf16(checkpoint, tmp_path):
     floats = {t.dtype for t in load_file(tmp_path / "out" / "model.safetensors").values() if t.is_floating_point()}
     assert floats == {torch.bfloat16}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
-    loaded = load_compressed(tmp_path / "out")
+    loaded = load_compressed(tmp_path / "out", trainable=True)
     assert loaded.dtype == torch.bfloat16
     assert all(isinstance(loaded.get_submodule(name), SVDLinear) for name in ranks)
     assert current_ranks(loaded) == ranks

@@ -8,6 +8,10 @@ layer listed in `config.svd_compression["ranks"]` (except `dense_modules`) is a 
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
+
 import torch
 import transformers
 from torch import nn
@@ -20,6 +24,97 @@ MODEL_TYPE = "svd_compressed_bert"
 
 METADATA_KEY = "svd_compression"
 FORMAT_VERSION = 1
+# Saved with a zero-size `{name}.weight` for a factored module: a plain base class (`BertModel.from_pretrained`) fails
+# on that size instead of random-initializing the layer, and its load report lists this key, which says what to do.
+GUARD_KEY = "svd_compressed.load_with_trust_remote_code=True"
+
+# Tensor reads that need no values: what model code asks of `module.weight` (T5 casts to `wo.weight.dtype`).
+_METADATA_PROPERTIES = (
+    "dtype",
+    "device",
+    "shape",
+    "ndim",
+    "layout",
+    "is_cuda",
+    "is_meta",
+    "is_sparse",
+    "requires_grad",
+)
+_METADATA_METHODS = (
+    "size",
+    "dim",
+    "numel",
+    "nelement",
+    "element_size",
+    "is_floating_point",
+    "is_complex",
+    "get_device",
+)
+
+
+class FactoredWeight(torch.Tensor):
+    """The dense weight of a factored layer, composed from its factors only when a computation uses it.
+
+    Model code reads `module.weight` for its dtype, device or shape, or checks `isinstance(..., torch.Tensor)`: those
+    reads compose nothing. Any other operation composes the dense weight first (with autograd), so code that uses the
+    values gets the right ones. In-place writes are refused: they could not reach the factors.
+
+    Args:
+        compose (`Callable[[], torch.Tensor]`): Builds the dense weight.
+        shape (`tuple[int, ...]`): Its shape.
+        like (`torch.Tensor`): A factor whose dtype and device the weight has.
+    """
+
+    _is_hf_initialized = True  # transformers' init functions skip it: the factors were loaded or initialized
+
+    @staticmethod
+    def __new__(cls, compose: Callable[[], torch.Tensor], shape: tuple[int, ...], like: torch.Tensor):
+        weight = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=like.dtype, device=like.device)
+        weight._compose = compose
+        return weight
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_metadata(func):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") or name.startswith("__i"):
+            raise RuntimeError(
+                f"{name} would write to the weight of a factored layer, which is composed from its factors on use: "
+                "write the factors instead (U, s, V of an SVDLinear; down.weight and up.weight of a LowRankLinear)."
+            )
+        return func(*_composed(args), **_composed(kwargs))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"{func} reached the weight of a factored layer without composing it; use .compose().")
+
+    def compose(self) -> torch.Tensor:
+        """The dense weight, as a plain tensor."""
+        return self._compose()
+
+    def __repr__(self) -> str:
+        return f"FactoredWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+def _is_metadata(func) -> bool:
+    owner = getattr(func, "__self__", None)  # a property's getter is bound to the property's descriptor
+    if name := getattr(owner, "__name__", None):
+        return getattr(func, "__name__", "") == "__get__" and name in _METADATA_PROPERTIES
+    return getattr(func, "__name__", "") in _METADATA_METHODS
+
+
+def _composed(value):
+    """`value` with every `FactoredWeight` in it (also inside lists, tuples and dicts) replaced by its dense weight."""
+    if isinstance(value, FactoredWeight):
+        return value.compose()
+    if isinstance(value, list | tuple):
+        return type(value)(_composed(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _composed(v) for k, v in value.items()}
+    return value
 
 
 class LowRankLinear(nn.Module):
@@ -37,6 +132,13 @@ class LowRankLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight `up.weight @ down.weight` [out, in], as a `FactoredWeight` (composed only when used)."""
+        return FactoredWeight(
+            lambda: self.up.weight @ self.down.weight, (self.out_features, self.in_features), self.up.weight
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -122,10 +224,15 @@ class LowRankConv2d(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense kernel [out, in, kh, kw] that `up(down(x))` applies, composed on each access.
+        """The dense kernel [out, in, kh, kw] that `up(down(x))` applies, as a `FactoredWeight`.
 
         Architectures read it for its dtype (e.g. ViT casts `pixel_values` to the patch embedding's weight dtype).
         """
+        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        return FactoredWeight(self.composed_kernel, shape, self.up.weight)
+
+    def composed_kernel(self) -> torch.Tensor:
+        """The dense kernel [out, in, kh, kw] of `up(down(x))`."""
         up, down = self.up.weight, self.down.weight
         if self.conv_mode == "channel":
             return (up.flatten(1) @ down.flatten(1)).view(self.out_channels, self.in_channels, *self.kernel_size)
@@ -188,6 +295,12 @@ def install_low_rank_(model: nn.Module, config) -> list[str]:
     return installed
 
 
+def guard_tensors(low_rank_names: list[str], like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors every save adds so that plain base classes refuse the checkpoint (see `GUARD_KEY`)."""
+    empty = torch.zeros(0, dtype=like.dtype)
+    return {f"{sorted(low_rank_names)[0]}.weight": empty, GUARD_KEY: empty.clone()}
+
+
 def _transformers_class(name: str) -> type:
     cls = getattr(transformers, name, None)
     if cls is None:
@@ -209,9 +322,22 @@ class _LowRankMixin:
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         installed = install_low_rank_(self, config)
-        # A zero-size `{name}.weight` marker in the file makes the plain base class fail; this class expects it.
-        markers = {n.replace(".", r"\.") + r"\.weight$" for n in installed}
+        # The guard tensors in the file make the plain base class fail; this class expects them.
+        markers = {n.replace(".", r"\.") + r"\.weight$" for n in installed} | {GUARD_KEY.replace(".", r"\.") + "$"}
         self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | markers
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the guard tensors (plain base classes keep refusing the folder)
+        and this modeling file (the folder stays loadable with `trust_remote_code=True`)."""
+        state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+        low_rank = [n for n, m in self.named_modules() if isinstance(m, (LowRankLinear, LowRankConv2d))]
+        if low_rank:
+            state_dict.update(guard_tensors(low_rank, self.get_submodule(low_rank[0]).up.weight))
+        result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        target = os.path.join(save_directory, os.path.basename(__file__))
+        if os.path.isfile(__file__) and not os.path.exists(target):
+            shutil.copyfile(__file__, target)
+        return result
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
