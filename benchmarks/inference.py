@@ -72,6 +72,7 @@ from transformers import (
 )
 
 from hf_svd_compress import SVDConfig, prune_, save_compressed, svd_factorize_
+from hf_svd_compress.onnx_export import export_onnx
 from hf_svd_compress.templates.modeling_svd_compressed import LowRankLinear
 
 REPO = Path(__file__).resolve().parents[1]
@@ -341,6 +342,60 @@ def _row(
     }
 
 
+# ---- runtimes -----------------------------------------------------------------------------------------------------
+
+
+def runtime_rows(bench: Bench, budgets: Sequence[float], cli: argparse.Namespace, folder: Path) -> list[dict]:
+    """Dense vs compressed under each runtime (eager, `torch.compile`, onnxruntime), all timed in one interleaving.
+
+    Uses the folders `compress` wrote; the dense model is saved next to them, and every folder is exported with
+    `export_onnx` (extended graph optimizations saved; sessions run at ORT_ENABLE_ALL with `--threads` threads).
+    """
+    bench.model.save_pretrained(folder / f"{bench.name}-dense")
+    folders = {"dense": folder / f"{bench.name}-dense", **{b: folder / f"{bench.name}-{b}" for b in budgets}}
+    models = {"dense": bench.model, **{b: _remote(bench, path) for b, path in folders.items() if b != "dense"}}
+    rows = {key: {"budget": "dense" if key == "dense" else f"{key:g}"} for key in folders}
+    for batch in (1, cli.batch):
+        inputs = bench.make_inputs(batch)
+        fns = {}
+        for runtime in cli.runtimes:
+            for key, model in models.items():
+                fns[runtime, key] = _runner(runtime, model, folders[key], inputs, cli.threads)
+        with torch.inference_mode():
+            timings = interleave(fns, cli.rounds * (3 if batch == 1 else 1))
+        for runtime in cli.runtimes:
+            for key in folders:
+                rows[key][f"{runtime} b{batch} ms"] = f"{timings.median((runtime, key)) * 1e3:.1f}"
+                rows[key][f"{runtime} b{batch} x"] = f"{timings.speedup((runtime, key), (runtime, 'dense')):.2f}"
+    return list(rows.values())
+
+
+def _remote(bench: Bench, path: Path) -> nn.Module:
+    return bench.auto_class.from_pretrained(path, trust_remote_code=True).eval()
+
+
+def _runner(runtime: str, model: nn.Module, folder: Path, inputs: dict, threads: int) -> Callable[[], object]:
+    """A zero-argument call of `model` on `inputs` under `runtime`."""
+    if runtime == "eager":
+        return lambda: model(**inputs)
+    if runtime == "compile":
+        compiled = torch.compile(model, dynamic=False)
+        return lambda: compiled(**inputs)
+    import onnxruntime
+
+    path = folder / "onnx" / "model.onnx"
+    if not path.is_file():
+        export_onnx(folder)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    feed = {k: v.numpy() for k, v in inputs.items() if k in names}
+    if "attention_mask" in names and "attention_mask" not in feed:
+        feed["attention_mask"] = torch.ones_like(inputs["input_ids"]).numpy()
+    return lambda: session.run(None, feed)
+
+
 # ---- break-even ---------------------------------------------------------------------------------------------------
 
 
@@ -409,12 +464,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="prune_(rank_multiple=...): ranks rounded up to a multiple of this within the budget (1: unaligned)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the module docstring)")
+    parser.add_argument(
+        "--runtimes",
+        nargs="*",
+        default=["eager", "compile", "onnxruntime"],
+        choices=["eager", "compile", "onnxruntime"],
+        help="runtimes of the side-by-side table (none: skip it)",
+    )
     parser.add_argument("--break-even", action="store_true", help="print the break-even table instead")
     parser.add_argument("--tokens", nargs="+", type=int, default=[128, 4096], help="tokens of the break-even table")
     parser.add_argument("--tiny", action="store_true", help="CI smoke run: tiny models, then a tiny break-even table")
     cli = parser.parse_args(argv)
     if cli.tiny:
         cli.models, cli.budgets, cli.batch, cli.seq, cli.rounds, cli.tokens = list(TINY_MODELS), [0.5], 4, 16, 2, [16]
+        cli.runtimes = [r for r in cli.runtimes if r != "compile"]  # compiling takes minutes on 2 cores
     return cli
 
 
@@ -429,6 +492,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if bench is not None:
                     rows = benchmark(bench, cli.budgets, cli, Path(tmp))
                     print_table(f"{name} (batch 1 and {cli.batch}, {_describe(bench, cli)})", rows)
+                    if cli.runtimes:
+                        rows = runtime_rows(bench, cli.budgets, cli, Path(tmp))
+                        title = (
+                            f"{name}: ms per call and speedup over dense in the same runtime ({_describe(bench, cli)})"
+                        )
+                        print_table(title, rows)
     if cli.break_even or cli.tiny:
         shapes = ((64, 32),) if cli.tiny else BREAK_EVEN_SHAPES
         rows = [break_even(m, n, t, a, cli.rounds) for m, n in shapes for t in cli.tokens for a in (True, False)]

@@ -218,9 +218,10 @@ def truncate_(model: nn.Module) -> dict[str, int]:
 
 
 def current_ranks(model: nn.Module) -> dict[str, int]:
-    """`{module_name: live rank}` of the factored layers (SVD and CUR)."""
+    """`{module_name: live rank}` of the factored layers (SVD, CUR, and the exported two-matmul form)."""
     ranks = {name: layer.rank for name, layer in svd_layers(model).items()}
-    return {**ranks, **{name: layer.rank for name, layer in cur_layers(model).items()}}
+    exported = {name: m.rank for name, m in model.named_modules() if getattr(m, "low_rank_export", False)}
+    return {**ranks, **exported, **{name: layer.rank for name, layer in cur_layers(model).items()}}
 
 
 def _keep_largest(layer: SVDLinear, rank: int) -> None:

@@ -170,6 +170,7 @@ def test_loaded_model_can_be_pruned_and_reexported(saved_bert, tmp_path):
     prune_(model, energy=0.5)
     save_compressed(model, tmp_path / "pruned")
     assert current_ranks(load_compressed(tmp_path / "pruned", trainable=True)) == current_ranks(model)
+    assert current_ranks(load_compressed(tmp_path / "pruned")) == current_ranks(model)  # the lean form too
 
 
 def test_bf16_model_keeps_its_dtype(tmp_path):

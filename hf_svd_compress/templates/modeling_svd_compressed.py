@@ -127,6 +127,8 @@ class LowRankLinear(nn.Module):
         bias (`bool`, defaults to `True`): Whether `up` has a bias (the original layer's).
     """
 
+    low_rank_export = True  # read by hf_svd_compress.current_ranks (duck-typed: this file imports nothing of ours)
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -192,6 +194,8 @@ class LowRankConv2d(nn.Module):
         stride, padding, dilation: The original conv's (padding: ints or `"same"`).
         bias (`bool`, defaults to `True`): Whether `up` has a bias.
     """
+
+    low_rank_export = True
 
     def __init__(
         self,
