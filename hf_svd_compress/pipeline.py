@@ -20,15 +20,25 @@ import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .compress import DEFAULT_BUDGET, INITS, SCHEDULES, compress, compress_config
+from .compress import DEFAULT_BUDGET, INITS, MIN_SVD_STEPS, SCHEDULES, compress, compress_config
 from .config import SVDConfig
 from .export import _holds_model, save_compressed
 from .factorize import svd_layers
 from .pruning import truncate_
 from .trainer import SVDTrainer, SVDTrainingArguments
+from .validation import COUNT, NON_NEGATIVE, POSITIVE, check_fields, choice
 
 SUMMARY_FILE = "compression_summary.json"
 _ON = ("1", "true", "yes")
+
+# How each numeric pipeline field is checked (`validation.number`).
+_RULES: dict[str, dict] = {
+    "dense_steps": {**NON_NEGATIVE, "integer": True, "hint": "0 skips the stage"},
+    "svd_steps": {"minimum": MIN_SVD_STEPS, "integer": True, "hint": "e.g. 150"},
+    "finetune_steps": {**NON_NEGATIVE, "integer": True, "hint": "0: none"},
+    "calibration_batches": {**COUNT, "hint": "e.g. 64"},
+    "finetune_lr_scale": {**POSITIVE, "hint": "e.g. 1.0"},
+}
 
 
 @dataclass
@@ -82,19 +92,9 @@ class PipelineArguments:
     )
 
     def __post_init__(self) -> None:
-        for name in ("dense_steps", "svd_steps", "finetune_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} {getattr(self, name)}: must be >= 0.")
-        if self.calibration_batches < 1:
-            raise ValueError(f"--calibration_batches {self.calibration_batches}: must be >= 1.")
-        if not self.finetune_lr_scale > 0:
-            raise ValueError(f"--finetune_lr_scale {self.finetune_lr_scale}: must be > 0.")
-        if self.init not in INITS:
-            raise ValueError(f"--init {self.init!r}: use one of {INITS}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule {self.schedule!r}: use one of {SCHEDULES}.")
-        if self.svd_steps < 10:
-            raise ValueError(f"--svd_steps {self.svd_steps}: must be >= 10, e.g. 150.")
+        check_fields(self, _RULES, "--")
+        self.init = choice("--init", self.init, INITS)
+        self.schedule = choice("--schedule", self.schedule, SCHEDULES)
 
     def svd_config(self, args: SVDTrainingArguments) -> SVDConfig:
         """The `SVDConfig` for these targets and the regularizer/pruning settings in `args`."""
