@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -735,10 +736,37 @@ def _check_target(target: Path, overwrite: bool) -> None:
         )
 
 
+def export_file_names(processing_class: Any | None = None) -> list[str]:
+    """The names of the files `save_compressed` writes into a folder (with this tokenizer or image processor)."""
+    names = {WEIGHTS_NAME, "config.json", MODELING_FILE, "README.md", "generation_config.json"}
+    if processing_class is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            processing_class.save_pretrained(scratch)
+            names.update(p.name for p in Path(scratch).iterdir())
+    return sorted(names)
+
+
+def check_no_foreign_files(target: Path, names: list[str]) -> None:
+    """Refuse an export into a folder without a model where it would replace files of the user's (`names`).
+
+    A folder holding a model is replaced whole, with `overwrite`; one without is written into, and what is not
+    ours in it (logs, notes) stays, but a file of the same name as ours (a README.md, say) is never replaced.
+    """
+    if _holds_model(target) or not target.is_dir():
+        return
+    clashes = sorted(name for name in names if (target / name).exists())
+    if clashes:
+        raise FileExistsError(
+            f"{target} holds {clashes}, which are not part of a compressed model, and an export would replace them: "
+            "move them elsewhere, or choose another folder."
+        )
+
+
 @contextmanager
 def _staging(target: Path) -> Iterator[Path]:
     """A temporary sibling of `target` to write into, moved into place only if the block completes."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
     tmp = _sibling(target, "tmp")
     tmp.mkdir()  # not mkdtemp: its 0700 mode would become the folder's once moved into place
     try:
@@ -749,7 +777,36 @@ def _staging(target: Path) -> Iterator[Path]:
 
 
 def _sibling(target: Path, kind: str) -> Path:
-    return target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex[:12]}")
+    # The writer's pid in the name tells a killed run's leftover from a folder another process is writing.
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove the staging folders of earlier writes of `target` killed before their cleanup (SIGTERM, SIGKILL).
+
+    A `.old-` folder is the previous model during a swap: it is removed only once `target` holds a model again.
+    """
+    for kind in ("tmp", "old"):
+        prefix = f".{target.name}.{kind}-"
+        for entry in target.parent.iterdir():
+            if not entry.name.startswith(prefix) or _writer_alive(entry.name[len(prefix) :]):
+                continue
+            if kind == "tmp" or _holds_model(target):
+                logger.info("Removing %s, left by an interrupted export.", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _writer_alive(suffix: str) -> bool:
+    pid = suffix.split("-")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False  # an older name without a pid, or this process's own earlier (finished or failed) write
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
@@ -761,5 +818,6 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         tmp.rename(target)
         shutil.rmtree(old, ignore_errors=True)
     else:  # a folder without a model (e.g. logs): add our files, config.json last so no half model is visible
+        check_no_foreign_files(target, [entry.name for entry in tmp.iterdir()])
         for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
             os.replace(entry, target / entry.name)

@@ -19,18 +19,27 @@ Local data: `--dataset train.csv` (or .json/.jsonl, or a folder with train/valid
 import sys
 
 from hf_svd_compress import SVDTrainingArguments
-from hf_svd_compress.cli import parse_with_config
-from hf_svd_compress.pipeline import PipelineArguments, check_export_dir, end_processes, run_compression
+from hf_svd_compress.cli import parse_with_config, refusals
+from hf_svd_compress.pipeline import (
+    PipelineArguments,
+    check_export_dir,
+    end_processes,
+    preflight,
+    run_compression,
+)
 from hf_svd_compress.tasks import TextTaskArguments, setup_text_classification
 
 
 def main(argv: list[str] | None = None) -> None:
-    task_args, pipeline_args, training_args = parse_with_config(
-        (TextTaskArguments, PipelineArguments, SVDTrainingArguments), sys.argv[1:] if argv is None else argv
-    )
-    # Bad names (model, data, columns, export folder) fail here, before any training.
-    check_export_dir(pipeline_args, training_args)
-    setup = setup_text_classification(task_args, training_args)
+    # Bad input (values, model, data, columns, targets, folders) is refused here with an `error:` line, before any
+    # training.
+    with refusals():
+        task_args, pipeline_args, training_args = parse_with_config(
+            (TextTaskArguments, PipelineArguments, SVDTrainingArguments), sys.argv[1:] if argv is None else argv
+        )
+        check_export_dir(pipeline_args, training_args)
+        setup = setup_text_classification(task_args, training_args)
+        preflight(setup, pipeline_args, training_args)
     run_compression(setup, pipeline_args, training_args)
     end_processes()
 
