@@ -117,14 +117,14 @@ def _as_flags(data: dict[str, Any], parser: argparse.ArgumentParser, path: str) 
 
 def compress(argv: Sequence[str]) -> None:
     """The whole pipeline on a text-classification task (the embedded default without arguments)."""
-    from .pipeline import check_export_dir, end_processes, preflight, run_compression
+    from .pipeline import check_arguments, end_processes, preflight, run_compression
     from .tasks import TextTaskArguments, setup_text_classification
 
     with refusals():  # every check on what the user named happens here, before any training
         task, pipeline_args, args = parse_with_config(
             (TextTaskArguments, PipelineArguments, SVDTrainingArguments), argv, COMPRESS_DEFAULTS
         )
-        check_export_dir(pipeline_args, args)  # before the model and data load
+        check_arguments(pipeline_args, args)  # before the model and data load
         setup = setup_text_classification(task, args)
         preflight(setup, pipeline_args, args)
     run_compression(setup, pipeline_args, args)

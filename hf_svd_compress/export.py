@@ -746,7 +746,7 @@ def export_file_names(processing_class: Any | None = None) -> list[str]:
     return sorted(names)
 
 
-def check_no_foreign_files(target: Path, names: list[str]) -> None:
+def check_no_foreign_files(target: Path, names: list[str], what: str | None = None) -> None:
     """Refuse an export into a folder without a model where it would replace files of the user's (`names`).
 
     A folder holding a model is replaced whole, with `overwrite`; one without is written into, and what is not
@@ -757,8 +757,8 @@ def check_no_foreign_files(target: Path, names: list[str]) -> None:
     clashes = sorted(name for name in names if (target / name).exists())
     if clashes:
         raise FileExistsError(
-            f"{target} holds {clashes}, which are not part of a compressed model, and an export would replace them: "
-            "move them elsewhere, or choose another folder."
+            f"{what or target}: the folder holds {clashes}, not part of a compressed model, which an export would "
+            "replace; move them elsewhere, or choose another folder."
         )
 
 

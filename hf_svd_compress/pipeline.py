@@ -151,19 +151,25 @@ def stage(message: str, args: TrainingArguments) -> None:
         print(f"[hf-svd-compress] {message}", flush=True)
 
 
+def export_path(pipeline_args: PipelineArguments, args: TrainingArguments) -> Path:
+    """`--export_dir`, by default `<output_dir>/compressed`."""
+    return Path(pipeline_args.export_dir or Path(args.output_dir) / "compressed")
+
+
 def check_export_dir(pipeline_args: PipelineArguments, args: TrainingArguments, processing_class: Any = None) -> Path:
     """Refuse, before any training, an export folder the export would fail on or lose a file in.
 
     That is a folder already holding a model (unless `--overwrite_export`), files of the user's that the export
     would replace (a README.md, say), or a folder that cannot be written (nor `--output_dir`).
     """
-    export_dir = Path(pipeline_args.export_dir or Path(args.output_dir) / "compressed")
+    export_dir = export_path(pipeline_args, args)
     if _holds_model(export_dir) and not pipeline_args.overwrite_export:
         raise FileExistsError(
             f"{export_dir} already holds a model. Choose another --export_dir (or --output_dir), or pass "
             "--overwrite_export to replace it."
         )
-    check_no_foreign_files(export_dir, [*export_file_names(processing_class), SUMMARY_FILE])
+    names = [*export_file_names(processing_class), SUMMARY_FILE]
+    check_no_foreign_files(export_dir, names, what=f"--export_dir {export_dir}")
     check_writable(Path(args.output_dir), "--output_dir")
     check_writable(export_dir, "--export_dir")
     return export_dir
@@ -184,8 +190,17 @@ def check_writable(folder: Path, flag: str) -> None:
         ) from None
 
 
+def check_arguments(pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> SVDConfig:
+    """The checks that need no model: launcher, schedule, folders; returns the SVD stage's `SVDConfig`."""
+    check_unsharded(args)
+    check_schedule(pipeline_args, args)
+    check_export_dir(pipeline_args, args)
+    return pipeline_args.svd_config(args)
+
+
 def preflight(setup: TaskSetup, pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> SVDConfig:
-    """Every check that can run before training: the set-up, the folders, the schedule and the targets.
+    """Every check that can run before training: `check_arguments`, then the targets on the model and the export
+    folder against the files its tokenizer or image processor writes.
 
     Returns:
         The `SVDConfig` of the SVD stage.
@@ -193,10 +208,8 @@ def preflight(setup: TaskSetup, pipeline_args: PipelineArguments, args: SVDTrain
     Raises:
         `ValueError` / `OSError`: what is wrong and how to fix it, before any stage runs.
     """
-    check_unsharded(args)
+    config = check_arguments(pipeline_args, args)
     check_export_dir(pipeline_args, args, setup.processing_class)
-    config = pipeline_args.svd_config(args)
-    check_schedule(pipeline_args, args)
     target_names(setup.model, config)  # raises when the targets match nothing of this model
     return config
 
@@ -260,7 +273,7 @@ def check_schedule(pipeline_args: PipelineArguments, args: SVDTrainingArguments)
 def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> dict:
     """Run every stage and export; returns (and writes next to the export) a summary of what happened."""
     config = preflight(setup, pipeline_args, args)
-    export_dir = check_export_dir(pipeline_args, args)
+    export_dir = export_path(pipeline_args, args)
     model, summary = setup.model, {"accuracy": {}, "base_model": setup.base_model, "task": setup.task}
     start = time.perf_counter()
 

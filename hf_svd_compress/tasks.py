@@ -155,6 +155,7 @@ def setup_text_classification(task: TextTaskArguments, args: TrainingArguments) 
         num_labels=len(names),
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
+        ignore_mismatched_sizes=True,  # a head for another number of classes is replaced by a new one
     )
     return TaskSetup(
         model=model,

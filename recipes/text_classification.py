@@ -22,7 +22,7 @@ from hf_svd_compress import SVDTrainingArguments
 from hf_svd_compress.cli import parse_with_config, refusals
 from hf_svd_compress.pipeline import (
     PipelineArguments,
-    check_export_dir,
+    check_arguments,
     end_processes,
     preflight,
     run_compression,
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         task_args, pipeline_args, training_args = parse_with_config(
             (TextTaskArguments, PipelineArguments, SVDTrainingArguments), sys.argv[1:] if argv is None else argv
         )
-        check_export_dir(pipeline_args, training_args)
+        check_arguments(pipeline_args, training_args)
         setup = setup_text_classification(task_args, training_args)
         preflight(setup, pipeline_args, training_args)
     run_compression(setup, pipeline_args, training_args)

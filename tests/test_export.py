@@ -469,6 +469,28 @@ def test_folder_without_a_model_is_written_into(tmp_path):
     assert (tmp_path / "out" / "config.json").is_file()
 
 
+def test_a_file_of_the_user_is_never_replaced(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "README.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"holds \['README.md'\]"):
+        save_compressed(compress(make_bert()), tmp_path / "out")
+    assert _listing(tmp_path / "out") == {"README.md": b"my notes"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left either
+
+
+def test_leftover_staging_folders_are_removed_by_the_next_write(tmp_path):
+    # A run killed while exporting (SIGTERM, SIGKILL) leaves its staging folder: older names had no pid, newer ones
+    # the pid of a process that is gone. A folder another live process is writing stays.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftovers = [".model.tmp-0123456789ab", f".model.tmp-{dead.stdout.strip()}-0123456789ab"]
+    live = f".model.tmp-{os.getppid()}-0123456789ab"
+    for name in [*leftovers, live, ".other.tmp-0123456789ab"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    save_compressed(compress(make_bert()), tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".other.tmp-0123456789ab", live, "model"])
+
+
 def test_written_folder_has_the_usual_permissions(tmp_path):
     (tmp_path / "reference").mkdir()
     save_compressed(compress(make_bert()), tmp_path / "model")
