@@ -193,9 +193,26 @@ def check_writable(folder: Path, flag: str) -> None:
 def check_arguments(pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> SVDConfig:
     """The checks that need no model: launcher, schedule, folders; returns the SVD stage's `SVDConfig`."""
     check_unsharded(args)
+    check_resume(args)
     check_schedule(pipeline_args, args)
     check_export_dir(pipeline_args, args)
     return pipeline_args.svd_config(args)
+
+
+def check_resume(args: TrainingArguments) -> None:
+    """Refuse `--resume_from_checkpoint`, which the Trainer leaves to the caller and the pipeline cannot honor.
+
+    A stage's checkpoint does not hold what the stages before it made (the dense teacher, the calibration, the
+    cut), so a resumed stage would not be the interrupted one; silently restarting from step 0 would be worse.
+    """
+    if args.resume_from_checkpoint is not None:
+        raise refuse(
+            "--resume_from_checkpoint",
+            args.resume_from_checkpoint,
+            "the pipeline cannot resume a stage (it factors, cuts and truncates the model between stages); run it "
+            "again without this flag, or resume SVD training in your own script with "
+            "SVDTrainer(...).train(resume_from_checkpoint=...) on the same factored model (docs/howto.md)",
+        )
 
 
 def preflight(setup: TaskSetup, pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> SVDConfig:

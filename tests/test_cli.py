@@ -185,6 +185,7 @@ def assert_refused(result: subprocess.CompletedProcess, message: str) -> None:
         (["--finetune_lr_scale", "0"], "--finetune_lr_scale 0.0: must be a finite number > 0"),
         (["--calibration_batches", "0"], "--calibration_batches 0: must be an integer >= 1"),
         (["--export_dir", "/proc/hf-svd-export"], "--export_dir /proc/hf-svd-export: cannot write in /proc"),
+        (["--resume_from_checkpoint", "o/svd/checkpoint-4"], "the pipeline cannot resume a stage"),
     ],
 )
 def test_bad_input_fails_before_training(tiny_text_model, tiny_text_csv, tmp_path, extra, message):
