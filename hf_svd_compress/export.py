@@ -11,6 +11,7 @@ its geometry in `svd_compression["convs"]` (an optional entry: files without con
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -137,6 +138,8 @@ def save_compressed(
     tensors = _export_tensors(model, layers, meta, types, dense)
     with _staging(target) as tmp:
         _write_weights(tmp / WEIGHTS_NAME, tensors, dense)
+        if not dense:
+            meta["checksums"] = file_checksums(tmp, [WEIGHTS_NAME])
         _write_json(tmp / "config.json", _export_config(model, arch, None if dense else meta))
         if not dense:
             (tmp / MODELING_FILE).write_text(_modeling_source(meta))
@@ -183,6 +186,8 @@ def load_compressed(
     meta = _check_metadata(config_dict, folder)
     tensors = _read_weights(folder)
     _check_tensors(meta, tensors, folder / WEIGHTS_NAME)
+    _check_ranks_complete(meta, tensors, folder / WEIGHTS_NAME)
+    verify_checksums(folder, meta)  # after the checks that name the module or say the file is unreadable
     arch = _transformers_class(meta["base_architecture"])
     config = _transformers_class(meta["base_config_class"]).from_dict(_base_config_dict(config_dict, meta))
     model = arch._from_config(config, dtype=_tensor_dtype(tensors))
@@ -197,6 +202,7 @@ def load_compressed(
         else:
             _replace(model, name, SVDLinear(in_features, out_features, rank, bias, dtype=dtype))
     _load_strict(model, _svd_state_dict(tensors, low_rank, convs), folder)
+    _check_dense_ranks(model, meta, folder)
     for name in dense:  # stored dense: refactor at the saved rank (the weight has that rank)
         module, rank = model.get_submodule(name), int(meta["ranks"][name])
         if name in convs:
@@ -717,6 +723,67 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _tensor_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     return next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+
+
+# ---- integrity: checksums and ranks ---------------------------------------------------------------------------------
+
+# A dense-stored layer's weight is `up @ down` at its rank: the part past the recorded rank is float error only.
+# More than this fraction of the weight (Frobenius norm) past it means the rank in config.json was edited.
+DENSE_RANK_TOLERANCE = 1e-2
+
+
+def file_checksums(folder: Path, names: list[str]) -> dict[str, str]:
+    """`{file name: "sha256:<hex>"}` of the files `names` in `folder`, for `svd_compression["checksums"]`."""
+    return {name: f"sha256:{_sha256(folder / name)}" for name in names}
+
+
+def verify_checksums(folder: Path, meta: dict[str, Any]) -> None:
+    """Refuse tensor files whose bytes changed since the export (exports without checksums, older ones, pass)."""
+    for name, expected in (meta.get("checksums") or {}).items():
+        file = folder / name
+        if not file.is_file():
+            raise CompressedFormatError(f"{file} is listed in `{METADATA_KEY}` checksums but missing.")
+        found = f"sha256:{_sha256(file)}"
+        if found != expected:
+            raise CompressedFormatError(
+                f"{file} does not match the checksum recorded at export ({expected[:19]}..., found {found[:19]}...): "
+                "the file was modified or damaged; export the model again or download it again."
+            )
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_ranks_complete(meta: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Refuse factors in the file for a module that `ranks` does not list (it would load randomly initialized)."""
+    factored = {key.rsplit(".", 2)[0] for key in tensors if key.endswith(".down.weight")}
+    unlisted = sorted(factored - set(meta["ranks"]))
+    if unlisted:
+        raise CompressedFormatError(
+            f"{file} holds factors (down / up) of module(s) {unlisted}, which `{METADATA_KEY}` ranks does not list: "
+            "config.json was edited or belongs to another export; restore it."
+        )
+
+
+def _check_dense_ranks(model: nn.Module, meta: dict[str, Any], folder: Path) -> None:
+    """Refuse a rank in `ranks` below the actual rank of a dense-stored layer (loading would truncate it)."""
+    for name in meta.get("dense_modules", []):
+        if name in meta.get("convs", {}):
+            continue  # a conv's matrix form depends on its mode; the linear layers are where ranks get edited
+        rank = int(meta["ranks"][name])
+        s = torch.linalg.svdvals(dense_weight(model.get_submodule(name)).detach().float())
+        dropped = s[rank:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-30)
+        if float(dropped) > DENSE_RANK_TOLERANCE:
+            raise CompressedFormatError(
+                f"{folder / 'config.json'}: module {name!r} is stored dense with rank {rank} in `{METADATA_KEY}` "
+                f"ranks, but its weight has a higher rank ({float(dropped):.0%} of it lies past rank {rank}); "
+                "config.json was edited: restore the rank, or re-prune with load_factored_checkpoint and prune_."
+            )
 
 
 # ---- writing a folder safely --------------------------------------------------------------------------------------

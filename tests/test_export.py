@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -489,6 +491,45 @@ def test_leftover_staging_folders_are_removed_by_the_next_write(tmp_path):
         (tmp_path / name / "model.safetensors").write_bytes(b"partial")
     save_compressed(compress(make_bert()), tmp_path / "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".other.tmp-0123456789ab", live, "model"])
+
+
+# ---------------------------------------------------------------------------------------- integrity on load
+
+
+def _edit_metadata(folder: Path, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config[METADATA_KEY])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_the_weights_checksum_is_recorded_and_verified(tmp_path):
+    save_compressed(compress(make_bert()), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())[METADATA_KEY]
+    digest = hashlib.sha256((tmp_path / "m" / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["checksums"] == {"model.safetensors": f"sha256:{digest}"}
+    load_compressed(tmp_path / "m")  # untouched: loads
+    data = bytearray((tmp_path / "m" / "model.safetensors").read_bytes())
+    data[-8:] = bytes(8)  # overwrite the last tensor's bytes: same size, still a valid safetensors file
+    (tmp_path / "m" / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CompressedFormatError, match="model.safetensors does not match the checksum"):
+        load_compressed(tmp_path / "m")
+
+
+def test_an_edited_rank_of_a_dense_stored_layer_is_refused(tmp_path):
+    save_compressed(compress(make_bert()), tmp_path / "m")  # ranks 3, 30, 6: the 30s are stored dense
+    name = json.loads((tmp_path / "m" / "config.json").read_text())[METADATA_KEY]["dense_modules"][0]
+    _edit_metadata(tmp_path / "m", lambda meta: meta["ranks"].update({name: 4}))
+    with pytest.raises(CompressedFormatError, match=f"module '{re.escape(name)}' is stored dense with rank 4"):
+        load_compressed(tmp_path / "m")
+
+
+def test_a_layer_missing_from_ranks_is_refused(tmp_path):
+    save_compressed(compress(make_bert()), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())[METADATA_KEY]
+    name = next(n for n in meta["ranks"] if n not in meta["dense_modules"])
+    _edit_metadata(tmp_path / "m", lambda meta: meta["ranks"].pop(name))
+    with pytest.raises(CompressedFormatError, match=re.escape(f"module(s) ['{name}']")):
+        load_compressed(tmp_path / "m")
 
 
 def test_written_folder_has_the_usual_permissions(tmp_path):
