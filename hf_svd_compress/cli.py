@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,32 @@ COMPRESS_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Exit status of a refused command, as argparse's own usage errors.
+USAGE_ERROR = 2
+
+
+@contextmanager
+def refusals() -> Iterator[None]:
+    """Turn the checks' errors into one `error: <what> <value>: <fix>` line on stderr and exit status 2.
+
+    Wrap everything that runs before training (parsing, the task set-up, `pipeline.preflight`): what it refuses is
+    the user's input, not a bug, so no traceback.
+    """
+    try:
+        yield
+    except (ValueError, OSError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(USAGE_ERROR) from None
+
+
 def parse_with_config(
     dataclass_types: Sequence[type], argv: Sequence[str], defaults: dict[str, Any] | None = None
 ) -> tuple:
     """`HfArgumentParser` over `dataclass_types`, with `--config file.yaml` supplying defaults that flags override.
 
-    Unknown keys in the YAML file are refused with their names, before anything runs.
+    Unknown keys in the YAML file are refused with their names, before anything runs. Its values are read as if
+    given as flags (`prune_energy: true` is refused like `--prune_energy True`); a list is refused for a one-value
+    option, except `target_modules`, whose list is joined as the comma-separated flag.
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -53,7 +74,7 @@ def parse_with_config(
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", default=None, help="YAML file with any of these options (flags override it).")
     values = dict(defaults or {})
-    from_file = _read_yaml(known.config) if known.config else {}
+    from_file = _as_flags(_read_yaml(known.config), parser, known.config) if known.config else {}
     values.update(from_file)
     # A budget or an energy the user asks for replaces a default of the other (the two are exclusive).
     explicit = set(from_file) | {arg[2:].split("=")[0] for arg in rest if arg.startswith("--")}
@@ -80,19 +101,33 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+def _as_flags(data: dict[str, Any], parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """YAML values as the strings a flag would carry, so argparse converts and checks them as it does flags."""
+    actions = {action.dest: action for action in parser._actions}
+    values = {}
+    for key, value in data.items():
+        if key == "target_modules" and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        one_value = key not in actions or actions[key].nargs not in ("+", "*")
+        if isinstance(value, list | dict) and one_value:
+            kind = type(value).__name__
+            raise ValueError(f"--config {path}: {key} {value}: give one value, not a {kind}")
+        values[key] = str(value) if isinstance(value, bool | int | float) else value
+    return values
+
+
 def compress(argv: Sequence[str]) -> None:
     """The whole pipeline on a text-classification task (the embedded default without arguments)."""
-    from .pipeline import check_export_dir, end_processes, run_compression
+    from .pipeline import check_arguments, end_processes, preflight, run_compression
     from .tasks import TextTaskArguments, setup_text_classification
 
-    try:  # every check on what the user named happens here, before any training
+    with refusals():  # every check on what the user named happens here, before any training
         task, pipeline_args, args = parse_with_config(
             (TextTaskArguments, PipelineArguments, SVDTrainingArguments), argv, COMPRESS_DEFAULTS
         )
-        check_export_dir(pipeline_args, args)
+        check_arguments(pipeline_args, args)  # before the model and data load
         setup = setup_text_classification(task, args)
-    except (ValueError, OSError, ImportError) as err:
-        raise SystemExit(f"error: {err}") from None
+        preflight(setup, pipeline_args, args)
     run_compression(setup, pipeline_args, args)
     end_processes()
 
@@ -119,7 +154,8 @@ def prune(argv: Sequence[str]) -> None:
     _check_fraction(parser, "--budget", cli.budget, closed=False)
     if Path(cli.output_dir, "config.json").exists() and not cli.overwrite:
         parser.error(f"{cli.output_dir} already holds a model; choose another --output_dir or pass --overwrite.")
-    model = load_factored_checkpoint(cli.checkpoint)
+    with refusals():
+        model = load_factored_checkpoint(cli.checkpoint)
     ranks = prune_(model, energy=cli.energy, budget=cli.budget, rank_multiple=cli.rank_multiple)
     how = {"method": "energy", "energy": cli.energy} if cli.energy else {"method": "budget", "budget": cli.budget}
     how["rank_multiple"] = cli.rank_multiple
@@ -139,7 +175,8 @@ def report(argv: Sequence[str]) -> None:
     cli = parser.parse_args(argv)
     if not Path(cli.model_dir, "config.json").is_file():
         parser.error(f"{cli.model_dir} is not an exported model folder (no config.json).")
-    out = write_report(cli.model_dir, cli.output_dir)
+    with refusals():
+        out = write_report(cli.model_dir, cli.output_dir)
     print(f"[hf-svd-compress] wrote the report to {out}")
 
 
@@ -182,12 +219,10 @@ def export_onnx(argv: Sequence[str]) -> None:
     cli = parser.parse_args(argv)
     if not Path(cli.model_dir, "config.json").is_file():
         parser.error(f"{cli.model_dir} is not an exported model folder (no config.json).")
-    try:
+    with refusals():
         result = write_onnx(
             cli.model_dir, cli.output_dir, opset=cli.opset, optimize=not cli.no_optimize, overwrite=cli.overwrite
         )
-    except (ImportError, FileExistsError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
     print(
         f"[hf-svd-compress] wrote {result.path} (inputs {', '.join(result.input_names)}; output {result.output_name})"
     )

@@ -28,6 +28,7 @@ from .config import SVDConfig
 from .factorize import svd_factorize_
 from .pruning import prune_, truncate_
 from .trainer import SVDTrainer, SVDTrainingArguments
+from .validation import OPEN_FRACTION, choice, number
 
 INITS = ("whitened", "asvd", "svd")
 # When the budget is reached: "gradual" prunes while training (SVD training, from 20% to 60% of the steps by
@@ -36,6 +37,8 @@ SCHEDULES = ("gradual", "at_start")
 # Where gradual pruning starts and reaches the budget, as fractions of the run, unless the arguments set the steps.
 PRUNE_START, PRUNE_END = 0.2, 0.6
 DEFAULT_BUDGET = 0.5
+# Fewest training steps compress accepts: it trains (and, gradually, prunes) the factors over them.
+MIN_SVD_STEPS = 10
 
 
 def compress(
@@ -86,22 +89,21 @@ def compress(
             the model is changed.
     """
     config = config or compress_config()
-    budget = _first_set(budget, args.prune_budget, DEFAULT_BUDGET)
-    if not (isinstance(budget, int | float) and not isinstance(budget, bool) and 0 < budget < 1):
-        raise ValueError(f"compress(budget={budget!r}): must be in (0, 1), e.g. 0.5 keeps half the parameters.")
-    if init not in INITS:
-        raise ValueError(f"compress(init={init!r}): use one of {INITS}.")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"compress(schedule={schedule!r}): use one of {SCHEDULES}.")
+    budget = number("budget", _first_set(budget, args.prune_budget, DEFAULT_BUDGET), **OPEN_FRACTION)
+    choice("init", init, INITS)
+    choice("schedule", schedule, SCHEDULES)
     if schedule == "at_start" and (args.prune_at_step is not None or args.prune_start_step is not None):
         raise ValueError(
             "compress(schedule='at_start') cuts before training: unset prune_at_step / prune_start_step, or use "
             "schedule='gradual'."
         )
-    if not (isinstance(args.max_steps, int) and args.max_steps >= 10):
-        raise ValueError(
-            f"compress needs args.max_steps >= 10 (got {args.max_steps}): it trains the factors over them; e.g. 150."
-        )
+    number(
+        "args.max_steps",
+        args.max_steps,
+        minimum=MIN_SVD_STEPS,
+        integer=True,
+        hint="it trains the factors over them, e.g. 150",
+    )
     if train_dataset is None or len(train_dataset) == 0:
         raise ValueError("compress got no training examples: it trains (and calibrates) on train_dataset.")
     if args.prune_energy is not None:

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .validation import COUNT, FRACTION, NON_NEGATIVE, OPEN_FRACTION, check_fields, choice
+
 CONFIG_FORMAT_VERSION = 1
 
 SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
@@ -28,6 +30,21 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "roberta": _ENCODER_BLOCK_TARGETS,
     "vit": [*_ENCODER_BLOCK_TARGETS, *_PROJ_BLOCK_TARGETS],
     "dinov2": ["query", "key", "value", "attention.output.dense", *_PROJ_BLOCK_TARGETS],
+}
+
+# How each numeric field is checked (`validation.number`).
+_RULES: dict[str, dict] = {
+    "orth_weight": {**NON_NEGATIVE, "hint": "0 disables the term"},
+    "sparsity_weight": {**NON_NEGATIVE, "hint": "0 disables the term"},
+    "approx_weight": {**NON_NEGATIVE, "hint": "0 disables the term"},
+    "whitening_ridge": {**FRACTION, "hint": "e.g. 1e-3"},
+    "prune_energy": {**FRACTION, "hint": "e.g. 0.9"},
+    "init_energy": {**FRACTION, "optional": True, "hint": "e.g. 0.99"},
+    "prune_budget": {**OPEN_FRACTION, "optional": True, "hint": "e.g. 0.5"},
+    "orth_probes": {**NON_NEGATIVE, "integer": True, "hint": "0: exact orthogonality loss"},
+    "prune_rank_multiple": {**COUNT, "hint": "1: no rounding"},
+    "init_max_rank": {**COUNT, "optional": True},
+    "tt_max_rank": {**COUNT, "optional": True},
 }
 
 
@@ -143,43 +160,11 @@ class SVDConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         _check_targets("target_modules", self.target_modules)
         _check_targets("exclude_modules", self.exclude_modules)
-        if self.sparsity not in (*SPARSITY_KINDS, None):
-            raise ValueError(
-                f"SVDConfig.sparsity={self.sparsity!r} is not supported: use one of {SPARSITY_KINDS} or None "
-                "(no sparsity regularizer)."
-            )
-        if self.parameterization not in PARAMETERIZATIONS:
-            raise ValueError(
-                f"SVDConfig.parameterization={self.parameterization!r} is not supported: use one of "
-                f"{PARAMETERIZATIONS}."
-            )
-        if self.prune_allocation not in ALLOCATIONS:
-            raise ValueError(
-                f"SVDConfig.prune_allocation={self.prune_allocation!r} is not supported: use one of {ALLOCATIONS}."
-            )
-        if self.conv_mode not in CONV_MODES:
-            raise ValueError(f"SVDConfig.conv_mode={self.conv_mode!r} is not supported: use one of {CONV_MODES}.")
-        for name in ("orth_weight", "sparsity_weight", "approx_weight"):
-            _check_non_negative(name, getattr(self, name))
-        _check_fraction("whitening_ridge", self.whitening_ridge, closed_right=True)
-        _check_fraction("prune_energy", self.prune_energy, closed_right=True)
-        if self.prune_budget is not None:
-            _check_fraction("prune_budget", self.prune_budget, closed_right=False)
-        if not (_is_positive_int(self.orth_probes) or (type(self.orth_probes) is int and self.orth_probes == 0)):
-            raise ValueError(
-                f"SVDConfig.orth_probes={self.orth_probes!r} must be an integer >= 0 (0: exact orthogonality loss)."
-            )
-        if not _is_positive_int(self.prune_rank_multiple):
-            raise ValueError(
-                f"SVDConfig.prune_rank_multiple={self.prune_rank_multiple!r} must be a positive integer (1: no "
-                "rounding)."
-            )
-        if self.init_energy is not None:
-            _check_fraction("init_energy", self.init_energy, closed_right=True)
-        if self.init_max_rank is not None and not _is_positive_int(self.init_max_rank):
-            raise ValueError(f"SVDConfig.init_max_rank={self.init_max_rank!r} must be a positive integer or None.")
-        if self.tt_max_rank is not None and not _is_positive_int(self.tt_max_rank):
-            raise ValueError(f"SVDConfig.tt_max_rank={self.tt_max_rank!r} must be a positive integer or None.")
+        self.sparsity = choice("SVDConfig.sparsity", self.sparsity, SPARSITY_KINDS, optional=True)
+        self.parameterization = choice("SVDConfig.parameterization", self.parameterization, PARAMETERIZATIONS)
+        self.prune_allocation = choice("SVDConfig.prune_allocation", self.prune_allocation, ALLOCATIONS)
+        self.conv_mode = choice("SVDConfig.conv_mode", self.conv_mode, CONV_MODES)
+        check_fields(self, _RULES, "SVDConfig.")
         if self.tt_max_rank is not None and self.parameterization != "sttp":
             raise ValueError(
                 f"SVDConfig.tt_max_rank={self.tt_max_rank!r} only applies to parameterization='sttp' (got "
@@ -232,20 +217,3 @@ def _check_targets(name: str, value: Any) -> None:
                 f"SVDConfig.{name}={value!r} is not a valid regex ({err}): a string must be a regex matching the "
                 "full module name, e.g. r'.*\\.(query|value)'; use a list for plain names."
             ) from None
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _check_non_negative(name: str, value: Any) -> None:
-    # `not value >= 0` also refuses NaN, which would turn every loss into NaN.
-    if not isinstance(value, int | float) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"SVDConfig.{name}={value!r} must be a finite number >= 0 (0 disables the term).")
-
-
-def _check_fraction(name: str, value: Any, closed_right: bool) -> None:
-    in_range = isinstance(value, int | float) and 0 < value and (value <= 1 if closed_right else value < 1)
-    if not in_range:
-        interval = "(0, 1]" if closed_right else "(0, 1)"
-        raise ValueError(f"SVDConfig.{name}={value!r} must be in {interval}, e.g. 0.9.")

@@ -379,14 +379,58 @@ def _check_columns(dataset: datasets.DatasetDict, name: str, text_column: str, l
             )
 
 
-def _encode_string_labels(dataset: datasets.DatasetDict, label_column: str) -> datasets.DatasetDict:
-    # csv/json files usually store labels as strings; the Trainer needs ids. The names come from all splits at once
-    # so that every split uses the same mapping (per-split `class_encode_column` would not).
+def _load_local(builder: str, data_files: dict[str, list[str]]) -> datasets.DatasetDict:
+    """Load csv/json files, naming the file when one is empty or holds no rows (datasets' errors do not)."""
+    for file in (f for files in data_files.values() for f in files):
+        if Path(file).stat().st_size == 0:
+            raise ValueError(f"--dataset {file}: the file is empty; it needs a header and one row per example.")
+    try:
+        return datasets.load_dataset(builder, data_files=data_files)
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        cause = err.__cause__ or err
+        files = ", ".join(f for fs in data_files.values() for f in fs)
+        raise ValueError(
+            f"--dataset {files}: could not read examples from it ({type(cause).__name__}: {cause}); it needs a "
+            "header and at least one row per split."
+        ) from None
+
+
+def _encode_labels(dataset: datasets.DatasetDict, name: str, label_column: str) -> datasets.DatasetDict:
+    """The label column as a `ClassLabel` (string or integer labels), with at least two classes in `train`."""
     feature = next(iter(dataset.values())).features[label_column]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        return dataset
-    names = sorted({value for ds in dataset.values() for value in ds.unique(label_column) if value is not None})
-    return dataset.cast_column(label_column, datasets.ClassLabel(names=names))
+    if not isinstance(feature, datasets.ClassLabel):
+        values = {value for ds in dataset.values() for value in ds.unique(label_column)}
+        _check_label_values(values, name, label_column)
+        dataset = _as_class_label(dataset, label_column, sorted(values))
+    train = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    present = train.unique(label_column)
+    if len(present) < 2:
+        names = train.features[label_column].names
+        raise ValueError(
+            f"--label_column {label_column!r}: dataset {name!r} has a single class in it "
+            f"({[names[i] for i in present]}); classification needs at least two: check the column or the data."
+        )
+    return dataset
+
+
+def _check_label_values(values: set, name: str, label_column: str) -> None:
+    if None in values:
+        raise ValueError(f"--label_column {label_column!r}: dataset {name!r} has examples without a label.")
+    kinds = {type(v) for v in values}
+    if not (kinds <= {str} or kinds <= {int, bool}):
+        example = next(v for v in values if not isinstance(v, str | int))
+        raise ValueError(
+            f"--label_column {label_column!r}: dataset {name!r} has labels such as {example!r} "
+            f"({sorted(k.__name__ for k in kinds)}); classification needs integer or string labels."
+        )
+
+
+def _as_class_label(dataset: datasets.DatasetDict, label_column: str, values: list) -> datasets.DatasetDict:
+    # The names come from all splits at once so that every split uses the same mapping (per-split
+    # `class_encode_column` would not); integers keep their numeric order (2 before 10).
+    ids = {value: i for i, value in enumerate(values)}
+    dataset = dataset.map(lambda batch: {label_column: [ids[v] for v in batch[label_column]]}, batched=True)
+    return dataset.cast_column(label_column, datasets.ClassLabel(names=[str(v) for v in values]))
 
 
 def _ensure_validation_split(
@@ -459,15 +503,14 @@ def load_text_dataset(
 
     local = _data_files_for(Path(name_or_path).expanduser())
     if local is not None:
-        builder, data_files = local
-        dataset = datasets.load_dataset(builder, data_files=data_files)
+        dataset = _load_local(*local)
     else:
         dataset = datasets.load_dataset(name_or_path, dataset_config_name)
     if not isinstance(dataset, datasets.DatasetDict):
         dataset = datasets.DatasetDict({"train": dataset})
 
     _check_columns(dataset, name_or_path, text_column, label_column)
-    dataset = _encode_string_labels(dataset, label_column)
+    dataset = _encode_labels(dataset, name_or_path, label_column)
     dataset = _ensure_validation_split(dataset, label_column, validation_fraction, seed)
     if max_examples is not None:
         dataset = datasets.DatasetDict(

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,7 +49,15 @@ from .hub import push_compressed_to_hub
 from .layers import SVDLinear, dense_weight
 from .model_card import render_model_card
 from .pruning import BREAK_EVEN
-from .templates.modeling_svd_compressed import GUARD_KEY, LowRankLinear, guard_tensors
+from .templates.modeling_svd_compressed import (
+    GUARD_KEY,
+    LowRankLinear,
+    checksum_problem,
+    dense_rank_problem,
+    file_sha256,
+    guard_tensors,
+    unlisted_factors_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +150,8 @@ def save_compressed(
     tensors = _export_tensors(model, layers, meta, types, dense)
     with _staging(target) as tmp:
         _write_weights(tmp / WEIGHTS_NAME, tensors, dense)
+        if not dense:
+            meta["checksums"] = file_checksums(tmp, [WEIGHTS_NAME])
         _write_json(tmp / "config.json", _export_config(model, arch, None if dense else meta))
         if not dense:
             (tmp / MODELING_FILE).write_text(_modeling_source(meta))
@@ -192,6 +203,9 @@ def load_compressed(
     meta = _check_metadata(config_dict, folder)
     tensors = _read_weights(folder)
     _check_tensors(meta, tensors, folder / WEIGHTS_NAME)
+    _check_ranks_complete(meta, tensors, folder / WEIGHTS_NAME)
+    _check_dense_ranks(meta, tensors, folder)
+    verify_checksums(folder, meta)  # after the checks that name the module or say the file is unreadable
     if trainable:
         model = _trainable_model(meta, config_dict, tensors, folder)
     else:
@@ -777,6 +791,32 @@ def _tensor_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     return next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
 
 
+# ---- integrity: checksums and ranks (checks shared with the remote-code loader, in the template) -------------------
+
+
+def file_checksums(folder: Path, names: list[str]) -> dict[str, str]:
+    """`{file name: "sha256:<hex>"}` of the files `names` in `folder`, for `svd_compression["checksums"]`."""
+    return {name: file_sha256(folder / name) for name in names}
+
+
+def verify_checksums(folder: Path, meta: dict[str, Any]) -> None:
+    """Refuse tensor files whose bytes changed since the export (exports without checksums, older ones, pass)."""
+    if problem := checksum_problem(meta, lambda name: str(folder / name)):
+        raise CompressedFormatError(problem)
+
+
+def _check_ranks_complete(meta: dict[str, Any], tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Refuse factors in the file for a module that `ranks` does not list (it would load randomly initialized)."""
+    if problem := unlisted_factors_problem(meta, tensors):
+        raise CompressedFormatError(f"{file}: {problem}")
+
+
+def _check_dense_ranks(meta: dict[str, Any], tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Refuse a rank in `ranks` below the actual rank of a dense-stored layer (loading would truncate it)."""
+    if problem := dense_rank_problem(meta, lambda name: tensors.get(f"{name}.weight")):
+        raise CompressedFormatError(f"{folder / 'config.json'}: {problem}")
+
+
 # ---- writing a folder safely --------------------------------------------------------------------------------------
 
 
@@ -794,10 +834,37 @@ def _check_target(target: Path, overwrite: bool) -> None:
         )
 
 
+def export_file_names(processing_class: Any | None = None) -> list[str]:
+    """The names of the files `save_compressed` writes into a folder (with this tokenizer or image processor)."""
+    names = {WEIGHTS_NAME, "config.json", MODELING_FILE, "README.md", "generation_config.json"}
+    if processing_class is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            processing_class.save_pretrained(scratch)
+            names.update(p.name for p in Path(scratch).iterdir())
+    return sorted(names)
+
+
+def check_no_foreign_files(target: Path, names: list[str], what: str | None = None) -> None:
+    """Refuse an export into a folder without a model where it would replace files of the user's (`names`).
+
+    A folder holding a model is replaced whole, with `overwrite`; one without is written into, and what is not
+    ours in it (logs, notes) stays, but a file of the same name as ours (a README.md, say) is never replaced.
+    """
+    if _holds_model(target) or not target.is_dir():
+        return
+    clashes = sorted(name for name in names if (target / name).exists())
+    if clashes:
+        raise FileExistsError(
+            f"{what or target}: the folder holds {clashes}, not part of a compressed model, which an export would "
+            "replace; move them elsewhere, or choose another folder."
+        )
+
+
 @contextmanager
 def _staging(target: Path) -> Iterator[Path]:
     """A temporary sibling of `target` to write into, moved into place only if the block completes."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
     tmp = _sibling(target, "tmp")
     tmp.mkdir()  # not mkdtemp: its 0700 mode would become the folder's once moved into place
     try:
@@ -808,7 +875,36 @@ def _staging(target: Path) -> Iterator[Path]:
 
 
 def _sibling(target: Path, kind: str) -> Path:
-    return target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex[:12]}")
+    # The writer's pid in the name tells a killed run's leftover from a folder another process is writing.
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove the staging folders of earlier writes of `target` killed before their cleanup (SIGTERM, SIGKILL).
+
+    A `.old-` folder is the previous model during a swap: it is removed only once `target` holds a model again.
+    """
+    for kind in ("tmp", "old"):
+        prefix = f".{target.name}.{kind}-"
+        for entry in target.parent.iterdir():
+            if not entry.name.startswith(prefix) or _writer_alive(entry.name[len(prefix) :]):
+                continue
+            if kind == "tmp" or _holds_model(target):
+                logger.info("Removing %s, left by an interrupted export.", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _writer_alive(suffix: str) -> bool:
+    pid = suffix.split("-")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False  # an older name without a pid, or this process's own earlier (finished or failed) write
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
@@ -820,5 +916,6 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         tmp.rename(target)
         shutil.rmtree(old, ignore_errors=True)
     else:  # a folder without a model (e.g. logs): add our files, config.json last so no half model is visible
+        check_no_foreign_files(target, [entry.name for entry in tmp.iterdir()])
         for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
             os.replace(entry, target / entry.name)

@@ -12,11 +12,35 @@ from .config import SVDConfig
 from .conv import SVDConv2d, check_conv
 from .cur import CUR_TYPES
 from .layers import FACTORABLE_TYPES, SVDLinear, dense_weight
-from .matching import find_targets
+from .matching import NoTargetModulesError, find_targets
 from .parameterizations import factored_layer
 
 # Attribute of `model.config` that marks a factored model; survives save_pretrained and Trainer checkpoints.
 CONFIG_KEY = "svd_training"
+
+
+def target_names(
+    model: nn.Module, config: SVDConfig, filter_fn: Callable[[nn.Module, str], bool] | None = None
+) -> list[str]:
+    """The modules `svd_factorize_(model, config, filter_fn)` would factor, in model order, without changing it.
+
+    Raises:
+        `NoTargetModulesError`: `config.target_modules` (minus `exclude_modules`) matches nothing, or `filter_fn`
+            rejects every match.
+    """
+    targets = config.resolved_targets(getattr(getattr(model, "config", None), "model_type", None))
+    layer_types = (*FACTORABLE_TYPES, SVDLinear, *CUR_TYPES)
+    names = find_targets(model, targets, config.exclude_modules, layer_types)
+    if filter_fn is None:
+        return names
+    modules = dict(model.named_modules())
+    kept = [n for n in names if filter_fn(modules[n], n)]
+    if not kept:
+        raise NoTargetModulesError(
+            f"filter_fn rejected all {len(names)} modules matched by target_modules={targets!r} (e.g. "
+            f"{names[:3]}), so nothing would be factored: check filter_fn, or drop it."
+        )
+    return kept
 
 
 def svd_factorize_(
@@ -64,15 +88,11 @@ def svd_factorize_(
         does not accept the calibration batches. All are raised before the model is changed.
     """
     config = config or SVDConfig()
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    targets = config.resolved_targets(model_type)
-    layer_types = (*FACTORABLE_TYPES, SVDLinear, *CUR_TYPES)
-    names = find_targets(model, targets, config.exclude_modules, layer_types)
+    targets = config.resolved_targets(getattr(getattr(model, "config", None), "model_type", None))
+    names = target_names(model, config, filter_fn)
     modules = dict(model.named_modules())
-    if filter_fn is not None:
-        names = [n for n in names if filter_fn(modules[n], n)]
     # nn.Conv2d is factored only when named: "all-linear" (in find_targets) stays linear layers only.
-    accepted = (*layer_types, nn.Conv2d)
+    accepted = (*FACTORABLE_TYPES, SVDLinear, *CUR_TYPES, nn.Conv2d)
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], accepted)]
     if wrong:
         raise TypeError(

@@ -11,6 +11,8 @@ import dataclasses
 import gc
 import json
 import os
+import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +22,25 @@ import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .compress import DEFAULT_BUDGET, INITS, SCHEDULES, compress, compress_config
+from .compress import DEFAULT_BUDGET, INITS, MIN_SVD_STEPS, SCHEDULES, compress, compress_config
 from .config import SVDConfig
-from .export import _holds_model, save_compressed
-from .factorize import svd_layers
+from .export import _holds_model, check_no_foreign_files, export_file_names, save_compressed
+from .factorize import svd_layers, target_names
 from .pruning import truncate_
 from .trainer import SVDTrainer, SVDTrainingArguments
+from .validation import COUNT, NON_NEGATIVE, POSITIVE, check_fields, choice, refuse
 
 SUMMARY_FILE = "compression_summary.json"
 _ON = ("1", "true", "yes")
+
+# How each numeric pipeline field is checked (`validation.number`).
+_RULES: dict[str, dict] = {
+    "dense_steps": {**NON_NEGATIVE, "integer": True, "hint": "0 skips the stage"},
+    "svd_steps": {"minimum": MIN_SVD_STEPS, "integer": True, "hint": "e.g. 150"},
+    "finetune_steps": {**NON_NEGATIVE, "integer": True, "hint": "0: none"},
+    "calibration_batches": {**COUNT, "hint": "e.g. 64"},
+    "finetune_lr_scale": {**POSITIVE, "hint": "e.g. 1.0"},
+}
 
 
 @dataclass
@@ -82,27 +94,31 @@ class PipelineArguments:
     )
 
     def __post_init__(self) -> None:
-        for name in ("dense_steps", "svd_steps", "finetune_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} {getattr(self, name)}: must be >= 0.")
-        if self.calibration_batches < 1:
-            raise ValueError(f"--calibration_batches {self.calibration_batches}: must be >= 1.")
-        if not self.finetune_lr_scale > 0:
-            raise ValueError(f"--finetune_lr_scale {self.finetune_lr_scale}: must be > 0.")
-        if self.init not in INITS:
-            raise ValueError(f"--init {self.init!r}: use one of {INITS}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule {self.schedule!r}: use one of {SCHEDULES}.")
-        if self.svd_steps < 10:
-            raise ValueError(f"--svd_steps {self.svd_steps}: must be >= 10, e.g. 150.")
+        check_fields(self, _RULES, "--")
+        self.init = choice("--init", self.init, INITS)
+        self.schedule = choice("--schedule", self.schedule, SCHEDULES)
+        targets = self.targets()
+        if isinstance(targets, str) and targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise refuse(
+                    "--target_modules", self.target_modules, f"not a valid regex ({err}); e.g. 're:.*\\.(query|value)'"
+                ) from None
+        if targets == []:
+            raise refuse("--target_modules", self.target_modules, "name at least one module, e.g. query,value")
+
+    def targets(self) -> list[str] | str | None:
+        """`--target_modules` as `SVDConfig.target_modules`: a list of names, a regex (`re:` prefix) or a keyword."""
+        if not self.target_modules or self.target_modules == "all-linear":
+            return self.target_modules
+        if self.target_modules.startswith("re:"):
+            return self.target_modules[3:]
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
     def svd_config(self, args: SVDTrainingArguments) -> SVDConfig:
         """The `SVDConfig` for these targets and the regularizer/pruning settings in `args`."""
-        targets: list[str] | str | None = self.target_modules
-        if targets and targets.startswith("re:"):
-            targets = targets[3:]
-        elif targets and targets != "all-linear":
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        targets = self.targets()
         settings = {
             "orth_weight": args.orth_weight,
             "orth_probes": args.orth_probes,
@@ -135,15 +151,84 @@ def stage(message: str, args: TrainingArguments) -> None:
         print(f"[hf-svd-compress] {message}", flush=True)
 
 
-def check_export_dir(pipeline_args: PipelineArguments, args: TrainingArguments) -> Path:
-    """Refuse, before any training, an export folder that already holds a model (unless overwriting)."""
-    export_dir = Path(pipeline_args.export_dir or Path(args.output_dir) / "compressed")
+def export_path(pipeline_args: PipelineArguments, args: TrainingArguments) -> Path:
+    """`--export_dir`, by default `<output_dir>/compressed`."""
+    return Path(pipeline_args.export_dir or Path(args.output_dir) / "compressed")
+
+
+def check_export_dir(pipeline_args: PipelineArguments, args: TrainingArguments, processing_class: Any = None) -> Path:
+    """Refuse, before any training, an export folder the export would fail on or lose a file in.
+
+    That is a folder already holding a model (unless `--overwrite_export`), files of the user's that the export
+    would replace (a README.md, say), or a folder that cannot be written (nor `--output_dir`).
+    """
+    export_dir = export_path(pipeline_args, args)
     if _holds_model(export_dir) and not pipeline_args.overwrite_export:
         raise FileExistsError(
             f"{export_dir} already holds a model. Choose another --export_dir (or --output_dir), or pass "
             "--overwrite_export to replace it."
         )
+    names = [*export_file_names(processing_class), SUMMARY_FILE]
+    check_no_foreign_files(export_dir, names, what=f"--export_dir {export_dir}")
+    check_writable(Path(args.output_dir), "--output_dir")
+    check_writable(export_dir, "--export_dir")
     return export_dir
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Refuse a folder that cannot be created or written in, without creating it."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{flag} {folder}: {existing} is a file, not a folder; choose another {flag}.")
+    try:  # a real write: permission bits say nothing for root, nor for read-only mounts
+        tempfile.TemporaryDirectory(dir=existing, prefix=".hf-svd-compress-check-").cleanup()
+    except OSError as err:
+        raise PermissionError(
+            f"{flag} {folder}: cannot write in {existing} ({err.strerror}); choose a writable {flag}."
+        ) from None
+
+
+def check_arguments(pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> SVDConfig:
+    """The checks that need no model: launcher, schedule, folders; returns the SVD stage's `SVDConfig`."""
+    check_unsharded(args)
+    check_resume(args)
+    check_schedule(pipeline_args, args)
+    check_export_dir(pipeline_args, args)
+    return pipeline_args.svd_config(args)
+
+
+def check_resume(args: TrainingArguments) -> None:
+    """Refuse `--resume_from_checkpoint`, which the Trainer leaves to the caller and the pipeline cannot honor.
+
+    A stage's checkpoint does not hold what the stages before it made (the dense teacher, the calibration, the
+    cut), so a resumed stage would not be the interrupted one; silently restarting from step 0 would be worse.
+    """
+    if args.resume_from_checkpoint is not None:
+        raise refuse(
+            "--resume_from_checkpoint",
+            args.resume_from_checkpoint,
+            "the pipeline cannot resume a stage (it factors, cuts and truncates the model between stages); run it "
+            "again without this flag, or resume SVD training in your own script with "
+            "SVDTrainer(...).train(resume_from_checkpoint=...) on the same factored model (docs/howto.md)",
+        )
+
+
+def preflight(setup: TaskSetup, pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> SVDConfig:
+    """Every check that can run before training: `check_arguments`, then the targets on the model and the export
+    folder against the files its tokenizer or image processor writes.
+
+    Returns:
+        The `SVDConfig` of the SVD stage.
+
+    Raises:
+        `ValueError` / `OSError`: what is wrong and how to fix it, before any stage runs.
+    """
+    config = check_arguments(pipeline_args, args)
+    check_export_dir(pipeline_args, args, setup.processing_class)
+    target_names(setup.model, config)  # raises when the targets match nothing of this model
+    return config
 
 
 def end_processes() -> None:
@@ -204,10 +289,8 @@ def check_schedule(pipeline_args: PipelineArguments, args: SVDTrainingArguments)
 
 def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SVDTrainingArguments) -> dict:
     """Run every stage and export; returns (and writes next to the export) a summary of what happened."""
-    check_unsharded(args)
-    export_dir = check_export_dir(pipeline_args, args)
-    config = pipeline_args.svd_config(args)
-    check_schedule(pipeline_args, args)
+    config = preflight(setup, pipeline_args, args)
+    export_dir = export_path(pipeline_args, args)
     model, summary = setup.model, {"accuracy": {}, "base_model": setup.base_model, "task": setup.task}
     start = time.perf_counter()
 

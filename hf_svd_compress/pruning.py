@@ -13,6 +13,7 @@ from .config import ALLOCATIONS
 from .cur import cur_layers, prune_cur_, truncate_cur_
 from .factorize import svd_layers
 from .layers import SVDLinear, energy_rank
+from .validation import COUNT, FRACTION, OPEN_FRACTION, choice, number
 
 logger = logging.getLogger(__name__)
 
@@ -178,14 +179,10 @@ def prune_(
     """
     if (energy is None) == (budget is None):
         raise ValueError("prune_ needs exactly one of energy= (e.g. 0.95) or budget= (e.g. 0.5).")
-    if energy is not None and not (isinstance(energy, int | float) and 0 < energy <= 1):
-        raise ValueError(f"prune_(energy={energy!r}): energy must be in (0, 1], e.g. 0.95 keeps 95% of sum(s^2).")
-    if budget is not None and not (isinstance(budget, int | float) and 0 < budget < 1):
-        raise ValueError(f"prune_(budget={budget!r}): budget must be in (0, 1), e.g. 0.5 keeps half the parameters.")
-    if not (isinstance(rank_multiple, int) and not isinstance(rank_multiple, bool) and rank_multiple >= 1):
-        raise ValueError(f"prune_(rank_multiple={rank_multiple!r}): use a positive integer, e.g. 8 (1: no rounding).")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"prune_(allocation={allocation!r}): use one of {ALLOCATIONS}.")
+    energy = number("energy", energy, **FRACTION, optional=True, hint="e.g. 0.95 keeps 95% of sum(s^2)")
+    budget = number("budget", budget, **OPEN_FRACTION, optional=True, hint="e.g. 0.5 keeps half")
+    rank_multiple = number("rank_multiple", rank_multiple, **COUNT, hint="e.g. 8 (1: no rounding)")
+    allocation = choice("allocation", allocation, ALLOCATIONS)
     layers, cur = svd_layers(model), cur_layers(model)
     if not layers and not cur:
         raise ValueError("prune_ found no SVDLinear or CURLinear layer: call svd_factorize_(model, config) first.")

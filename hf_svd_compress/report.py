@@ -65,10 +65,9 @@ def write_report(model_dir: str | Path, output_dir: str | Path | None = None) ->
     _require_matplotlib()  # fail before writing anything rather than leave a report without its plots
     model_dir = Path(model_dir)
     out = Path(output_dir) if output_dir is not None else model_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-
     summary = _read_json(model_dir / SUMMARY_FILE) or {}
-    report = _build_report(model_dir, summary)
+    report = _build_report(model_dir, summary)  # refuses a folder that is not an export, before `out` exists
+    out.mkdir(parents=True, exist_ok=True)
     initial, trained = summary.get("spectra_initial") or {}, summary.get("spectra_trained") or {}
     report["plots"] = [RANKS_PNG] + ([SPECTRA_PNG] if initial or trained else [])
 

@@ -23,8 +23,19 @@ from transformers import (
 from .data import fashion_mnist_transform, load_bbc_news, load_fashion_mnist, load_text_dataset
 from .evaluation import make_compute_metrics
 from .pipeline import TaskSetup
+from .validation import COUNT, POSITIVE, check_fields
 
 DEFAULT_DINOV2_DIR = Path.home() / ".cache" / "hf_svd_compress" / "dinov2-s14"
+# How the numeric task fields are checked (`validation.number`).
+_TEXT_RULES: dict[str, dict] = {
+    "max_length": {**COUNT, "hint": "e.g. 128"},
+    "max_examples": {**COUNT, "optional": True},
+    "test_fraction": {**POSITIVE, "maximum": 0.9, "below": True, "hint": "e.g. 0.1 (validation: 0.1)"},
+}
+_IMAGE_RULES: dict[str, dict] = {
+    name: {**COUNT, "optional": True} for name in ("train_size", "eval_size", "test_size")
+}
+_IMAGE_RULES["image_size"] = {**COUNT, "optional": True, "hint": "e.g. 224"}
 
 
 @dataclass
@@ -53,8 +64,7 @@ class TextTaskArguments:
     )
 
     def __post_init__(self) -> None:
-        if not 0 < self.test_fraction < 0.9:
-            raise ValueError(f"--test_fraction {self.test_fraction}: must be in (0, 0.9), e.g. 0.1 (validation: 0.1).")
+        check_fields(self, _TEXT_RULES, "--")
 
 
 @dataclass
@@ -78,6 +88,9 @@ class ImageTaskArguments:
     test_size: int | None = field(default=500, metadata={"help": "Test images used (None: all)."})
     image_size: int | None = field(default=None, metadata={"help": "Resize images to this size (default: model's)."})
     metric: str = field(default="accuracy", metadata={"help": "Metric name ('accuracy', 'f1' work offline)."})
+
+    def __post_init__(self) -> None:
+        check_fields(self, _IMAGE_RULES, "--")
 
 
 def resolve_model(name: str) -> str:
@@ -142,6 +155,7 @@ def setup_text_classification(task: TextTaskArguments, args: TrainingArguments) 
         num_labels=len(names),
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
+        ignore_mismatched_sizes=True,  # a head for another number of classes is replaced by a new one
     )
     return TaskSetup(
         model=model,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -15,10 +16,29 @@ from .cur import CURLinear, approximation_total, cur_layers
 from .distillation import distillation_loss, hidden_state_loss
 from .factorize import CONFIG_KEY, svd_layers
 from .pruning import prune_
+from .validation import COUNT, FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, check_fields, choice
 
 logger = logging.getLogger(__name__)
 
 DISABLED = "none"
+# How each numeric SVD-training field is checked (`validation.number`); `None` defers to the model's SVDConfig.
+_RULES: dict[str, dict] = {
+    "orth_weight": {**NON_NEGATIVE, "optional": True, "hint": "0 disables the term"},
+    "sparsity_weight": {**NON_NEGATIVE, "optional": True, "hint": "0 disables the term"},
+    "approx_weight": {**NON_NEGATIVE, "optional": True, "hint": "0: none"},
+    "orth_probes": {**NON_NEGATIVE, "integer": True, "optional": True, "hint": "0: exact loss"},
+    "singular_value_lr_scale": {**POSITIVE, "hint": "1 = no change"},
+    "distill_alpha": {**NON_NEGATIVE, "maximum": 1, "optional": True, "hint": "e.g. 0.5 (0: none)"},
+    "distill_hidden_weight": NON_NEGATIVE,
+    "distill_temperature": {**POSITIVE, "hint": "e.g. 2.0"},
+    "regularizer_interval": COUNT,
+    "prune_energy": {**FRACTION, "optional": True, "hint": "e.g. 0.95"},
+    "prune_budget": {**OPEN_FRACTION, "optional": True, "hint": "e.g. 0.5"},
+    "prune_rank_multiple": {**COUNT, "optional": True, "hint": "1: no rounding"},
+    # Step 0 ends no optimizer step: prune_at_step=0 would silently never prune.
+    "prune_at_step": {**COUNT, "optional": True},
+    "prune_start_step": {**NON_NEGATIVE, "integer": True, "optional": True},
+}
 
 
 @dataclass
@@ -26,7 +46,11 @@ class SVDTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the SVD-training fields; unset (`None`) fields defer to the model's `SVDConfig`."""
 
     orth_weight: float | None = field(
-        default=None, metadata={"help": "lambda_o, weight of the orthogonality loss. Unset: the model's SVDConfig."}
+        default=None,
+        metadata={
+            "help": "lambda_o, weight of the orthogonality loss. Unset: the model's SVDConfig (compress, the CLI and "
+            "the recipes: 0, off)."
+        },
     )
     orth_probes: int | None = field(
         default=None,
@@ -34,7 +58,10 @@ class SVDTrainingArguments(TrainingArguments):
     )
     sparsity: str | None = field(
         default=None,
-        metadata={"help": "Sparsity regularizer: 'l1', 'hoyer', 'hoyer_square' or 'none'. Unset: the SVDConfig."},
+        metadata={
+            "help": "Sparsity regularizer: 'l1', 'hoyer', 'hoyer_square' or 'none'. Unset: the SVDConfig (compress, "
+            "the CLI and the recipes: none)."
+        },
     )
     sparsity_weight: float | None = field(
         default=None, metadata={"help": "lambda_s, weight of the sparsity regularizer. Unset: the SVDConfig."}
@@ -101,33 +128,14 @@ class SVDTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if not self.use_cpu and launched_on_cpus_only():
+            # `accelerate launch --multi_gpu --num_processes N` without an accelerator starts N gloo processes, but
+            # TrainingArguments only joins them as DDP with use_cpu (PartialState(cpu=True)); otherwise every process
+            # would train alone and each would export.
+            self.use_cpu = True
         super().__post_init__()
-        if self.sparsity is not None and self.sparsity not in (*SPARSITY_KINDS, DISABLED):
-            raise ValueError(f"--sparsity {self.sparsity!r}: use one of {(*SPARSITY_KINDS, DISABLED)}.")
-        for name in ("orth_weight", "sparsity_weight", "approx_weight"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"--{name} {value}: must be >= 0 (0 disables the term).")
-        if self.orth_probes is not None and self.orth_probes < 0:
-            raise ValueError(f"--orth_probes {self.orth_probes}: must be >= 0 (0: exact orthogonality loss).")
-        if not self.singular_value_lr_scale > 0:
-            raise ValueError(f"--singular_value_lr_scale {self.singular_value_lr_scale}: must be > 0 (1 = no change).")
-        if self.distill_alpha is not None and not 0 <= self.distill_alpha <= 1:
-            raise ValueError(f"--distill_alpha {self.distill_alpha}: must be in [0, 1], e.g. 0.5 (0: none).")
-        if not self.distill_hidden_weight >= 0 or self.distill_hidden_weight == float("inf"):
-            raise ValueError(f"--distill_hidden_weight {self.distill_hidden_weight}: must be a finite number >= 0.")
-        if not self.distill_temperature > 0:
-            raise ValueError(f"--distill_temperature {self.distill_temperature}: must be > 0, e.g. 2.0.")
-        if self.regularizer_interval < 1:
-            raise ValueError(f"--regularizer_interval {self.regularizer_interval}: must be >= 1.")
-        if self.prune_energy is not None and not 0 < self.prune_energy <= 1:
-            raise ValueError(f"--prune_energy {self.prune_energy}: must be in (0, 1], e.g. 0.95.")
-        if self.prune_budget is not None and not 0 < self.prune_budget < 1:
-            raise ValueError(f"--prune_budget {self.prune_budget}: must be in (0, 1), e.g. 0.5.")
-        if self.prune_rank_multiple is not None and self.prune_rank_multiple < 1:
-            raise ValueError(f"--prune_rank_multiple {self.prune_rank_multiple}: must be >= 1 (1: no rounding).")
-        if self.prune_start_step is not None and self.prune_start_step < 0:
-            raise ValueError(f"--prune_start_step {self.prune_start_step}: must be >= 0.")
+        self.sparsity = choice("--sparsity", self.sparsity, (*SPARSITY_KINDS, DISABLED), optional=True)
+        check_fields(self, _RULES, "--")
         if self.prune_start_step is not None and self.prune_at_step is not None:
             if self.prune_start_step >= self.prune_at_step:
                 raise ValueError(
@@ -139,6 +147,11 @@ class SVDTrainingArguments(TrainingArguments):
         if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
             # Reentrant checkpointing runs the first forward without grad, where no regularizer can be recorded.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+
+def launched_on_cpus_only() -> bool:
+    """Whether this process is one of several (`WORLD_SIZE` > 1) on a machine without GPU or other accelerator."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
 
 
 class SVDPruningCallback(TrainerCallback):

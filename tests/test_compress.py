@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_bert
@@ -59,7 +60,8 @@ def test_the_default_config_has_the_regularizer_terms_off():
         ({"init": "pca"}, {}, "init='pca'"),
         ({"schedule": "later"}, {}, "schedule='later'"),
         ({"schedule": "at_start"}, {"prune_at_step": 5}, "unset prune_at_step"),
-        ({}, {"max_steps": 5}, "max_steps >= 10"),
+        ({}, {"max_steps": 5}, "max_steps=5: must be an integer >= 10"),
+        ({"budget": np.float32(0.4)}, {"max_steps": 3}, "max_steps=3"),  # a numpy budget is a budget
         ({}, {"prune_energy": 0.9}, "not to an energy"),
     ],
 )

@@ -6,7 +6,9 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
+import torch
 
 from hf_svd_compress import DEFAULT_TARGET_MODULES, SVDConfig
 from hf_svd_compress.config import CONFIG_FORMAT_VERSION
@@ -42,6 +44,11 @@ def test_every_field_has_help():
         ("prune_energy", -0.5),
         ("prune_energy", 1.5),
         ("prune_energy", float("nan")),
+        ("prune_energy", True),  # a bool is not a number: True would keep everything
+        ("orth_weight", False),
+        ("whitening_ridge", float("nan")),
+        ("orth_probes", True),
+        ("prune_rank_multiple", True),
         ("prune_budget", 0.0),
         ("prune_budget", 1.0),
         ("prune_budget", 1.2),
@@ -96,6 +103,13 @@ def test_valid_boundaries_accepted(kwargs):
     config = SVDConfig(**kwargs)
     for key, value in kwargs.items():
         assert getattr(config, key) == value
+
+
+def test_numpy_and_torch_scalars_become_python_numbers():
+    config = SVDConfig(prune_energy=np.float32(0.5), orth_weight=torch.tensor(0.25), prune_rank_multiple=np.int64(4))
+    assert (config.prune_energy, config.orth_weight, config.prune_rank_multiple) == (0.5, 0.25, 4)
+    assert type(config.prune_energy) is float and type(config.prune_rank_multiple) is int
+    json.dumps(config.to_dict())  # stays serializable
 
 
 def test_tuple_and_set_targets_become_sorted_lists():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -471,6 +473,94 @@ def test_folder_without_a_model_is_written_into(tmp_path):
     save_compressed(compress(make_bert()), tmp_path / "out")
     assert (tmp_path / "out" / "runs" / "log.txt").read_text() == "keep me"
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_file_of_the_user_is_never_replaced(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "README.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"holds \['README.md'\]"):
+        save_compressed(compress(make_bert()), tmp_path / "out")
+    assert _listing(tmp_path / "out") == {"README.md": b"my notes"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left either
+
+
+def test_leftover_staging_folders_are_removed_by_the_next_write(tmp_path):
+    # A run killed while exporting (SIGTERM, SIGKILL) leaves its staging folder: older names had no pid, newer ones
+    # the pid of a process that is gone. A folder another live process is writing stays.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftovers = [".model.tmp-0123456789ab", f".model.tmp-{dead.stdout.strip()}-0123456789ab"]
+    live = f".model.tmp-{os.getppid()}-0123456789ab"
+    for name in [*leftovers, live, ".other.tmp-0123456789ab"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    save_compressed(compress(make_bert()), tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".other.tmp-0123456789ab", live, "model"])
+
+
+# ---------------------------------------------------------------------------------------- integrity on load
+
+
+def _edit_metadata(folder: Path, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config[METADATA_KEY])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _load_with(loader: str, folder: Path) -> nn.Module:
+    if loader == "remote":
+        return AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    return load_compressed(folder, trainable=loader == "trainable")
+
+
+LOADERS = ["lean", "trainable", "remote"]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_the_weights_checksum_is_recorded_and_verified(tmp_path, loader):
+    save_compressed(compress(make_bert()), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())[METADATA_KEY]
+    digest = hashlib.sha256((tmp_path / "m" / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["checksums"] == {"model.safetensors": f"sha256:{digest}"}
+    _load_with(loader, tmp_path / "m")  # untouched: loads
+    data = bytearray((tmp_path / "m" / "model.safetensors").read_bytes())
+    data[-8:] = bytes(8)  # overwrite the last tensor's bytes: same size, still a valid safetensors file
+    (tmp_path / "m" / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors does not match the checksum"):
+        _load_with(loader, tmp_path / "m")
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_an_edited_rank_of_a_dense_stored_layer_is_refused(tmp_path, loader):
+    save_compressed(compress(make_bert()), tmp_path / "m")  # ranks 3, 30, 6: the 30s are stored dense
+    name = json.loads((tmp_path / "m" / "config.json").read_text())[METADATA_KEY]["dense_modules"][0]
+    _edit_metadata(tmp_path / "m", lambda meta: meta["ranks"].update({name: 4}))
+    with pytest.raises(ValueError, match=f"module '{re.escape(name)}' is stored dense with rank 4"):
+        _load_with(loader, tmp_path / "m")
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_layer_missing_from_ranks_is_refused(tmp_path, loader):
+    save_compressed(compress(make_bert()), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())[METADATA_KEY]
+    name = next(n for n in meta["ranks"] if n not in meta["dense_modules"])
+    _edit_metadata(tmp_path / "m", lambda meta: meta["ranks"].pop(name))
+    with pytest.raises(ValueError, match=re.escape(f"module(s) ['{name}']")):
+        _load_with(loader, tmp_path / "m")
+
+
+@pytest.mark.parametrize("loader", ["lean", "remote"])
+def test_a_resaved_model_records_the_checksums_of_its_new_files(tmp_path, loader):
+    save_compressed(compress(make_bert()), tmp_path / "m")
+    model = _load_with(loader, tmp_path / "m")
+    model.save_pretrained(tmp_path / "resaved")
+    meta = json.loads((tmp_path / "resaved" / "config.json").read_text())[METADATA_KEY]
+    digest = hashlib.sha256((tmp_path / "resaved" / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["checksums"] == {"model.safetensors": f"sha256:{digest}"}
+    assert model.config.svd_compression["checksums"] != meta["checksums"]  # the in-memory config keeps its own
+    for other in LOADERS:
+        reloaded = _load_with(other, tmp_path / "resaved")
+        inputs = bert_inputs()
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
 
 
 def test_written_folder_has_the_usual_permissions(tmp_path):

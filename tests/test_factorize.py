@@ -177,6 +177,12 @@ def test_filter_fn(bert):
     assert seen == MODEL_CASES["bert"].targets
 
 
+def test_filter_fn_rejecting_everything_is_refused(bert):
+    with pytest.raises(NoTargetModulesError, match="filter_fn rejected all 12 modules"):
+        svd_factorize_(bert, SVDConfig(), filter_fn=lambda module, name: False)
+    assert not svd_layers(bert)
+
+
 def test_filter_fn_on_conv1d(gpt2):
     svd_factorize_(gpt2, filter_fn=lambda m, n: ".mlp." in n)
     assert list(svd_layers(gpt2)) == [f"transformer.h.{i}.mlp.{p}" for i in range(2) for p in ("c_fc", "c_proj")]

@@ -84,4 +84,4 @@ def test_cli_prints_the_difference(tmp_path):
     diff = float(result.stdout.split("max abs diff to PyTorch: ")[1].split()[0])
     assert diff < 1e-4 and (tmp_path / "export" / "onnx" / "model.onnx").is_file()
     again = subprocess.run(run, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and again.stderr.startswith("error: ") and "overwrite" in again.stderr
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "overwrite" in again.stderr

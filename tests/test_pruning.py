@@ -169,6 +169,8 @@ def test_budget_counts_dense_layers_as_dense():
         ({"energy": -0.2}, "energy"),
         ({"energy": float("nan")}, "energy"),
         ({"energy": "0.9"}, "energy"),
+        ({"energy": True}, "not a bool"),  # True would be 1.0: keep everything
+        ({"budget": True}, "not a bool"),
         ({"budget": 0}, "budget"),
         ({"budget": 1}, "budget"),
         ({"budget": 1.0}, "budget"),
@@ -188,6 +190,13 @@ def test_bad_values_raise_before_changing_masks(kwargs, match):
             assert repr(value) in str(info.value)
     after = masks(model)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("budget", [np.float32(0.5), np.float64(0.5), torch.tensor(0.5)])
+def test_numpy_and_torch_scalars_are_numbers(budget):
+    model, _ = factored("bert")
+    ranks = prune_(model, budget=budget)
+    assert ranks == prune_(factored("bert")[0], budget=0.5)
 
 
 def test_no_svd_layers_raises(bert):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -216,11 +218,32 @@ def test_hf_argument_parser_exposes_fields():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"sparsity": "l2"}, {"orth_weight": -1.0}, {"prune_energy": 1.5}, {"prune_budget": 1.0}]
+    "bad",
+    [
+        {"sparsity": "l2"},
+        {"orth_weight": -1.0},
+        {"orth_weight": float("nan")},  # would train with a NaN loss
+        {"sparsity_weight": float("inf")},
+        {"distill_alpha": float("nan")},
+        {"prune_energy": 1.5},
+        {"prune_energy": True},  # a bool is not a number
+        {"prune_budget": 1.0},
+        {"prune_at_step": 0},  # no optimizer step ends at 0: it would never prune
+        {"prune_at_step": -3},
+        {"prune_at_step": 2.5},
+        {"regularizer_interval": 0},
+    ],
 )
 def test_bad_arguments_are_refused(tmp_path, bad):
-    with pytest.raises(ValueError, match=next(iter(bad))):
+    (name, value), shown = next(iter(bad.items())), str(next(iter(bad.values())))
+    with pytest.raises(ValueError, match=re.escape(f"--{name} {shown if name != 'sparsity' else repr(value)}: ")):
         args(tmp_path, **bad)
+
+
+def test_numpy_scalars_are_accepted_as_numbers(tmp_path):
+    parsed = args(tmp_path, prune_budget=np.float32(0.5), orth_weight=np.float64(0.1), prune_at_step=np.int64(4))
+    assert (parsed.prune_budget, parsed.orth_weight, parsed.prune_at_step) == (0.5, 0.1, 4)
+    assert type(parsed.prune_at_step) is int
 
 
 def test_unfactored_model_is_refused(tmp_path):

@@ -8,9 +8,11 @@ layer listed in `config.svd_compression["ranks"]` (except `dense_modules`) is a 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import transformers
@@ -305,6 +307,71 @@ def guard_tensors(low_rank_names: list[str], like: torch.Tensor) -> dict[str, to
     return {f"{sorted(low_rank_names)[0]}.weight": empty, GUARD_KEY: empty.clone()}
 
 
+# ---- integrity: what both loaders (this file's and `hf_svd_compress.load_compressed`) refuse ----------------------
+
+# A dense-stored layer's weight is `up @ down` at its rank: the part past the recorded rank is float error only.
+# More than this fraction of the weight (Frobenius norm) past it means the rank in config.json was edited.
+DENSE_RANK_TOLERANCE = 1e-2
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """`"sha256:<hex>"` of a file, as `svd_compression["checksums"]` records it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def checksum_problem(meta: dict, locate: Callable[[str], str | None]) -> str | None:
+    """Why the weights files listed in `meta["checksums"]` cannot be trusted (missing, or changed since the export),
+    or `None`. `locate(file_name)` gives the local path of a file, `None` when absent. No checksums: `None`."""
+    for name, expected in (meta.get("checksums") or {}).items():
+        path = locate(name)
+        if path is None or not os.path.isfile(path):
+            return f"{name} is listed in `{METADATA_KEY}` checksums but missing."
+        found = file_sha256(path)
+        if found != expected:
+            return (
+                f"{path} does not match the checksum recorded at export ({expected[:19]}..., found {found[:19]}...): "
+                "the file was modified or damaged; export the model again or download it again."
+            )
+    return None
+
+
+def unlisted_factors_problem(meta: dict, keys: Iterable[str], prefix: str = "") -> str | None:
+    """Why tensor `keys` hold factors (`down` / `up`) of a module that `ranks` does not list (such a module would
+    load randomly initialized), or `None`. `prefix`: the base-model prefix the keys may lack."""
+    listed = set(meta["ranks"])
+    factored = {key.rsplit(".", 2)[0] for key in keys if key.endswith(".down.weight")}
+    unlisted = sorted(n for n in factored if n not in listed and prefix + n not in listed)
+    if not unlisted:
+        return None
+    return (
+        f"the weights hold factors (down / up) of module(s) {unlisted}, which `{METADATA_KEY}` ranks does not list: "
+        "config.json was edited or belongs to another export; restore it."
+    )
+
+
+def dense_rank_problem(meta: dict, weight_of: Callable[[str], torch.Tensor | None]) -> str | None:
+    """Why a dense-stored linear layer's weight has more than its recorded rank (a rank lowered in config.json, which
+    the trainable loader would truncate), or `None`. `weight_of(name)`: the stored weight, `None` when not loaded."""
+    for name in meta.get("dense_modules", []):
+        weight = None if name in meta.get("convs", {}) else weight_of(name)
+        if weight is None:
+            continue  # a conv's matrix form depends on its mode; the linear layers are where ranks get edited
+        rank = int(meta["ranks"][name])
+        s = torch.linalg.svdvals(weight.detach().float())  # Conv1D's transposed layout has the same values
+        dropped = float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-30))
+        if dropped > DENSE_RANK_TOLERANCE:
+            return (
+                f"module {name!r} is stored dense with rank {rank} in `{METADATA_KEY}` ranks, but its weight has a "
+                f"higher rank ({dropped:.0%} of it lies past rank {rank}); config.json was edited: restore the rank, "
+                "or re-prune with load_factored_checkpoint and prune_."
+            )
+    return None
+
+
 def _transformers_class(name: str) -> type:
     cls = getattr(transformers, name, None)
     if cls is None:
@@ -331,29 +398,79 @@ class _LowRankMixin:
         self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | markers
 
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the guard tensors (plain base classes keep refusing the folder)
-        and this modeling file (the folder stays loadable with `trust_remote_code=True`)."""
+        """`PreTrainedModel.save_pretrained`, plus the guard tensors (plain base classes keep refusing the folder),
+        this modeling file (the folder stays loadable with `trust_remote_code=True`) and the checksums of the new
+        weights files (none when pushing from here: the pushed folder loads unverified)."""
         state_dict = dict(self.state_dict() if state_dict is None else state_dict)
-        low_rank = [n for n, m in self.named_modules() if isinstance(m, (LowRankLinear, LowRankConv2d))]
+        low_rank = [n for n, m in self.named_modules() if getattr(m, "low_rank_export", False)]
         if low_rank:
             state_dict.update(guard_tensors(low_rank, self.get_submodule(low_rank[0]).up.weight))
-        result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
-        target = os.path.join(save_directory, os.path.basename(__file__))
-        if os.path.isfile(__file__) and not os.path.exists(target):
-            shutil.copyfile(__file__, target)
+        meta = getattr(self.config, METADATA_KEY, None)
+        stale = meta.pop("checksums", None) if isinstance(meta, dict) else None  # of the files this model came from
+        try:
+            result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        finally:
+            if stale is not None:
+                meta["checksums"] = stale
+        if kwargs.get("is_main_process", True):
+            target = os.path.join(save_directory, os.path.basename(__file__))
+            if os.path.isfile(__file__) and not os.path.exists(target):
+                shutil.copyfile(__file__, target)
+            if stale is not None and not kwargs.get("push_to_hub"):
+                _record_checksums(save_directory)
         return result
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, failing when a low-rank layer is missing from the checkpoint."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing what `load_compressed` refuses: factors missing or mis-shaped,
+        factors of a module `ranks` does not list, a dense-stored layer of a higher rank than recorded, weights files
+        whose checksum changed."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        low_rank = [n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankConv2d))]
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        low_rank = [n for n, m in model.named_modules() if getattr(m, "low_rank_export", False)]
         bad = sorted({n for n in low_rank for key in info["missing_keys"] if key.startswith(n + ".")})
         bad += sorted({n for n in low_rank for key, *_ in info["mismatched_keys"] if key.startswith(n + ".")})
         if bad:
             raise ValueError(f"The checkpoint lacks or mis-shapes the factors of the low-rank module(s) {bad}.")
+        meta, prefix = getattr(model.config, METADATA_KEY), model.base_model_prefix + "."
+        modules = dict(model.named_modules())
+
+        def weight_of(name: str) -> torch.Tensor | None:
+            module = next((modules[n] for n in (name, name.removeprefix(prefix)) if n in modules), None)
+            return None if module is None else module.weight
+
+        problem = (
+            unlisted_factors_problem(meta, info["unexpected_keys"], prefix)
+            or dense_rank_problem(meta, weight_of)
+            or checksum_problem(meta, lambda name: _locate(pretrained_model_name_or_path, name, kwargs))
+        )
+        if problem:
+            raise ValueError(f"{pretrained_model_name_or_path}: {problem}")
         return (model, info) if want_info else model
+
+
+def _locate(name_or_path, file_name: str, kwargs: dict) -> str | None:
+    """The local path of `file_name` of a folder or Hub repository (already downloaded by `from_pretrained`)."""
+    subfolder = kwargs.get("subfolder") or ""
+    if os.path.isdir(name_or_path):
+        return os.path.join(name_or_path, subfolder, file_name)
+    hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+    return transformers.utils.cached_file(
+        name_or_path, file_name, subfolder=subfolder, _raise_exceptions_for_missing_entries=False, **hub
+    )
+
+
+def _record_checksums(folder) -> None:
+    """Write the checksums of the safetensors files in `folder` into its config.json (atomically)."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    files = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
+    config[METADATA_KEY]["checksums"] = {name: file_sha256(os.path.join(folder, name)) for name in files}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 class SVDCompressedModel(_LowRankMixin, _transformers_class(TASK_MODEL_CLASS)):
