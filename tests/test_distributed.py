@@ -105,7 +105,8 @@ def test_ddp_matches_single_process(ddp, reference):
 def test_ddp_saves_once_on_the_main_process(ddp):
     out, records = ddp
     assert sorted(p.name for p in out.iterdir() if "compressed" in p.name) == ["compressed"]
-    assert current_ranks(load_compressed(out / "compressed")) == records[0]["ranks"]
+    # The trainable form: the 32x32 layers at rank 16 are past the break-even, stored dense, refactored on load.
+    assert current_ranks(load_compressed(out / "compressed", trainable=True)) == records[0]["ranks"]
 
 
 @pytest.fixture(scope="module")
