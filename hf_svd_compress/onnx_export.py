@@ -30,7 +30,7 @@ ONNX_NAME = "model.onnx"
 DEFAULT_OPSET = 17
 INSTALL_HINT = 'pip install "hf_svd_compress[onnx]" (onnx and onnxruntime)'
 # Files of the folder copied next to the graph: the config (labels) and the tokenizer or image processor.
-_ASSETS = ("*.json", "*.txt", "*.model", "merges.txt")
+_ASSETS = ("*.json", "*.txt", "*.model")
 _SKIPPED = ("model.safetensors.index.json",)
 
 

@@ -13,6 +13,7 @@ from .config import ALLOCATIONS
 from .cur import cur_layers, prune_cur_, truncate_cur_
 from .factorize import svd_layers
 from .layers import SVDLinear, energy_rank
+from .templates.modeling_svd_compressed import low_rank_names
 from .validation import COUNT, FRACTION, OPEN_FRACTION, choice, number
 
 logger = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def truncate_(model: nn.Module) -> dict[str, int]:
 def current_ranks(model: nn.Module) -> dict[str, int]:
     """`{module_name: live rank}` of the factored layers (SVD, CUR, and the exported two-matmul form)."""
     ranks = {name: layer.rank for name, layer in svd_layers(model).items()}
-    exported = {name: m.rank for name, m in model.named_modules() if getattr(m, "low_rank_export", False)}
+    exported = {name: model.get_submodule(name).rank for name in low_rank_names(model)}
     return {**ranks, **exported, **{name: layer.rank for name, layer in cur_layers(model).items()}}
 
 

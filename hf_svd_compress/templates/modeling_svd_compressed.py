@@ -301,6 +301,11 @@ def install_low_rank_(model: nn.Module, config) -> list[str]:
     return installed
 
 
+def low_rank_names(model: nn.Module) -> list[str]:
+    """Names of the `LowRankLinear` / `LowRankConv2d` layers of `model`."""
+    return [name for name, module in model.named_modules() if getattr(module, "low_rank_export", False)]
+
+
 def guard_tensors(low_rank_names: list[str], like: torch.Tensor) -> dict[str, torch.Tensor]:
     """The tensors every save adds so that plain base classes refuse the checkpoint (see `GUARD_KEY`)."""
     empty = torch.zeros(0, dtype=like.dtype)
@@ -402,7 +407,7 @@ class _LowRankMixin:
         this modeling file (the folder stays loadable with `trust_remote_code=True`) and the checksums of the new
         weights files (none when pushing from here: the pushed folder loads unverified)."""
         state_dict = dict(self.state_dict() if state_dict is None else state_dict)
-        low_rank = [n for n, m in self.named_modules() if getattr(m, "low_rank_export", False)]
+        low_rank = low_rank_names(self)
         if low_rank:
             state_dict.update(guard_tensors(low_rank, self.get_submodule(low_rank[0]).up.weight))
         meta = getattr(self.config, METADATA_KEY, None)
@@ -427,7 +432,7 @@ class _LowRankMixin:
         whose checksum changed."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        low_rank = [n for n, m in model.named_modules() if getattr(m, "low_rank_export", False)]
+        low_rank = low_rank_names(model)
         bad = sorted({n for n in low_rank for key in info["missing_keys"] if key.startswith(n + ".")})
         bad += sorted({n for n in low_rank for key, *_ in info["mismatched_keys"] if key.startswith(n + ".")})
         if bad:
