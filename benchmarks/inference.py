@@ -72,8 +72,8 @@ from transformers import (
 )
 
 from hf_svd_compress import SVDConfig, prune_, save_compressed, svd_factorize_
-from hf_svd_compress.onnx_export import export_onnx
-from hf_svd_compress.templates.modeling_svd_compressed import LowRankLinear
+from hf_svd_compress.hub.onnx import export_onnx
+from hf_svd_compress.hub.templates.modeling_svd_compressed import LowRankLinear
 
 REPO = Path(__file__).resolve().parents[1]
 DINOV2_DIR = Path("~/.cache/hf_svd_compress/dinov2-s14").expanduser()

@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from .pipeline import PipelineArguments
-from .trainer import SVDTrainingArguments
+from hf_svd_compress.pipeline import PipelineArguments
+from hf_svd_compress.training.arguments import SVDTrainingArguments
 
 # Sizes of the embedded default run (about 10 minutes on 2 CPU cores); SVD training is compress()'s defaults.
 COMPRESS_DEFAULTS: dict[str, Any] = {
@@ -118,8 +118,8 @@ def _as_flags(data: dict[str, Any], parser: argparse.ArgumentParser, path: str) 
 
 def compress(argv: Sequence[str]) -> None:
     """The whole pipeline on a text-classification task (the embedded default without arguments)."""
-    from .pipeline import check_arguments, end_processes, preflight, run_compression
-    from .tasks import TextTaskArguments, setup_text_classification
+    from hf_svd_compress.pipeline import check_arguments, end_processes, preflight, run_compression
+    from hf_svd_compress.tasks import TextTaskArguments, setup_text_classification
 
     with refusals():  # every check on what the user named happens here, before any training
         task, pipeline_args, args = parse_with_config(
@@ -134,8 +134,9 @@ def compress(argv: Sequence[str]) -> None:
 
 def prune(argv: Sequence[str]) -> None:
     """Re-prune a factored checkpoint (e.g. `<output_dir>/factored`) at another energy or budget, without training."""
-    from .export import load_factored_checkpoint, save_compressed
-    from .pruning import prune_
+    from hf_svd_compress.core.pruning import prune_
+    from hf_svd_compress.hub.load import load_factored_checkpoint
+    from hf_svd_compress.hub.save import save_compressed
 
     parser = argparse.ArgumentParser(prog="hf-svd-compress prune", description=prune.__doc__)
     parser.add_argument("checkpoint", help="Folder of a factored model saved during SVD training.")
@@ -167,7 +168,7 @@ def prune(argv: Sequence[str]) -> None:
 
 def report(argv: Sequence[str]) -> None:
     """Write the Markdown/JSON summary and PNG plots of an exported model."""
-    from .report import write_report
+    from hf_svd_compress.report import write_report
 
     parser = argparse.ArgumentParser(prog="hf-svd-compress report", description=report.__doc__)
     parser.add_argument("model_dir", help="Folder written by compress / prune / save_compressed.")
@@ -182,7 +183,7 @@ def report(argv: Sequence[str]) -> None:
 
 def push(argv: Sequence[str]) -> None:
     """Publish an exported folder to the Hugging Face Hub."""
-    from .export import push_compressed_to_hub
+    from hf_svd_compress.hub.save import push_compressed_to_hub
 
     parser = argparse.ArgumentParser(prog="hf-svd-compress push", description=push.__doc__)
     parser.add_argument("model_dir", help="Folder written by compress / prune / save_compressed.")
@@ -207,8 +208,8 @@ def push(argv: Sequence[str]) -> None:
 
 def export_onnx(argv: Sequence[str]) -> None:
     """Write an onnxruntime-ready `model.onnx` of an exported folder, checked against PyTorch."""
-    from .onnx_export import DEFAULT_OPSET
-    from .onnx_export import export_onnx as write_onnx
+    from hf_svd_compress.hub.onnx import DEFAULT_OPSET
+    from hf_svd_compress.hub.onnx import export_onnx as write_onnx
 
     parser = argparse.ArgumentParser(prog="hf-svd-compress export-onnx", description=export_onnx.__doc__)
     parser.add_argument("model_dir", help="Folder written by compress / prune / save_compressed (or a dense one).")

@@ -7,18 +7,22 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .validation import COUNT, FRACTION, NON_NEGATIVE, OPEN_FRACTION, check_fields, choice
+from hf_svd_compress.layers.conv import CONV_MODES
+from hf_svd_compress.layers.registry import method_fields, parameterization_names
+from hf_svd_compress.validation import COUNT, FRACTION, NON_NEGATIVE, OPEN_FRACTION, check_fields, choice
 
 CONFIG_FORMAT_VERSION = 1
+# Where a factored model's config records its `SVDConfig` and layers (survives save_pretrained and checkpoints).
+CONFIG_KEY = "svd_training"
+# Where an export's config.json records its ranks, shapes and base architecture (the Hub format's metadata).
+METADATA_KEY = "svd_compression"
 
 SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
-# How a factored layer is parameterized: the regularized SVD (the default), Householder-orthonormal factors (SVDP),
-# their tensor-train form (STTP), or a CUR decomposition built from actual columns and rows of the weight.
-PARAMETERIZATIONS = ("svd", "householder", "sttp", "cur")
+# How a factored layer is parameterized: the registered names (`layers.registry`). Built in: the regularized SVD (the
+# default), Householder-orthonormal factors (SVDP), their tensor-train form (STTP), and CUR (columns and rows).
+PARAMETERIZATIONS = parameterization_names()
 # How `prune_(budget=)` shares a budget across layers (`pruning.greedy_ranks`, `budget_ranks`, `uniform_ranks`).
 ALLOCATIONS = ("greedy", "threshold", "uniform")
-# How an `nn.Conv2d` weight [Cout, Cin, kh, kw] is flattened to a matrix before its SVD (Yang et al.).
-CONV_MODES = ("channel", "spatial")
 
 # Every linear layer of a BERT / ViT / DINOv2 block; never the pooler or the task head.
 _ENCODER_BLOCK_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -33,7 +37,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
 }
 
 # How each numeric field is checked (`validation.number`).
-_RULES: dict[str, dict] = {
+FIELD_RULES: dict[str, dict] = {
     "orth_weight": {**NON_NEGATIVE, "hint": "0 disables the term"},
     "sparsity_weight": {**NON_NEGATIVE, "hint": "0 disables the term"},
     "approx_weight": {**NON_NEGATIVE, "hint": "0 disables the term"},
@@ -161,15 +165,24 @@ class SVDConfig:
         _check_targets("target_modules", self.target_modules)
         _check_targets("exclude_modules", self.exclude_modules)
         self.sparsity = choice("SVDConfig.sparsity", self.sparsity, SPARSITY_KINDS, optional=True)
-        self.parameterization = choice("SVDConfig.parameterization", self.parameterization, PARAMETERIZATIONS)
+        self.parameterization = choice("SVDConfig.parameterization", self.parameterization, parameterization_names())
         self.prune_allocation = choice("SVDConfig.prune_allocation", self.prune_allocation, ALLOCATIONS)
         self.conv_mode = choice("SVDConfig.conv_mode", self.conv_mode, CONV_MODES)
-        check_fields(self, _RULES, "SVDConfig.")
-        if self.tt_max_rank is not None and self.parameterization != "sttp":
-            raise ValueError(
-                f"SVDConfig.tt_max_rank={self.tt_max_rank!r} only applies to parameterization='sttp' (got "
-                f"{self.parameterization!r}): set parameterization='sttp' or leave tt_max_rank=None."
-            )
+        check_fields(self, FIELD_RULES, "SVDConfig.")
+        self._check_method_fields()
+
+    def _check_method_fields(self) -> None:
+        """Refuse a field one parameterization owns (`Parameterization.fields`) set away from its default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, owners in method_fields().items():
+            value = getattr(self, name)
+            if value != defaults[name] and self.parameterization not in owners:
+                wanted = " or ".join(repr(owner) for owner in owners)
+                raise ValueError(
+                    f"SVDConfig.{name}={value!r} only applies to parameterization={wanted} (got "
+                    f"{self.parameterization!r}): set parameterization={owners[0]!r} or leave {name}="
+                    f"{defaults[name]!r}."
+                )
 
     def resolved_targets(self, model_type: str | None) -> list[str] | str:
         """The target_modules to match for a model of `model_type` (the per-architecture default when unset)."""

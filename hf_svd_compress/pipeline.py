@@ -22,13 +22,23 @@ import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .compress import DEFAULT_BUDGET, INITS, MIN_SVD_STEPS, SCHEDULES, compress, compress_config
-from .config import SVDConfig
-from .export import _holds_model, check_no_foreign_files, export_file_names, save_compressed
-from .factorize import svd_layers, target_names
-from .pruning import truncate_
-from .trainer import SVDTrainer, SVDTrainingArguments
-from .validation import COUNT, NON_NEGATIVE, POSITIVE, check_fields, choice, refuse
+from hf_svd_compress.config import SVDConfig
+from hf_svd_compress.core.factorize import target_names
+from hf_svd_compress.core.pruning import truncate_
+from hf_svd_compress.hub.save import export_file_names, save_compressed
+from hf_svd_compress.hub.staging import check_no_foreign_files, holds_model
+from hf_svd_compress.layers.svd import svd_layers
+from hf_svd_compress.training.arguments import SVDTrainingArguments
+from hf_svd_compress.training.compress import (
+    DEFAULT_BUDGET,
+    INITS,
+    MIN_SVD_STEPS,
+    SCHEDULES,
+    compress,
+    compress_config,
+)
+from hf_svd_compress.training.trainer import SVDTrainer
+from hf_svd_compress.validation import COUNT, NON_NEGATIVE, POSITIVE, check_fields, choice, refuse
 
 SUMMARY_FILE = "compression_summary.json"
 _ON = ("1", "true", "yes")
@@ -163,7 +173,7 @@ def check_export_dir(pipeline_args: PipelineArguments, args: TrainingArguments, 
     would replace (a README.md, say), or a folder that cannot be written (nor `--output_dir`).
     """
     export_dir = export_path(pipeline_args, args)
-    if _holds_model(export_dir) and not pipeline_args.overwrite_export:
+    if holds_model(export_dir) and not pipeline_args.overwrite_export:
         raise FileExistsError(
             f"{export_dir} already holds a model. Choose another --export_dir (or --output_dir), or pass "
             "--overwrite_export to replace it."

@@ -65,7 +65,7 @@ def write_report(model_dir: str | Path, output_dir: str | Path | None = None) ->
     _require_matplotlib()  # fail before writing anything rather than leave a report without its plots
     model_dir = Path(model_dir)
     out = Path(output_dir) if output_dir is not None else model_dir / "report"
-    summary = _read_json(model_dir / SUMMARY_FILE) or {}
+    summary = read_json(model_dir / SUMMARY_FILE) or {}
     report = _build_report(model_dir, summary)  # refuses a folder that is not an export, before `out` exists
     out.mkdir(parents=True, exist_ok=True)
     initial, trained = summary.get("spectra_initial") or {}, summary.get("spectra_trained") or {}
@@ -95,7 +95,7 @@ def build_report(model_dir: str | Path) -> dict[str, Any]:
         record are `None`.
     """
     model_dir = Path(model_dir)
-    return _build_report(model_dir, _read_json(model_dir / SUMMARY_FILE) or {})
+    return _build_report(model_dir, read_json(model_dir / SUMMARY_FILE) or {})
 
 
 def _build_report(model_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -156,12 +156,12 @@ def _build_report(model_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _read_metadata(model_dir: Path) -> dict[str, Any]:
-    config = _read_json(model_dir / "config.json")
+    config = read_json(model_dir / "config.json")
     if config is None:
         raise FileNotFoundError(f"{model_dir} has no config.json: pass the folder of an exported compressed model.")
     meta = config.get(METADATA_KEY)
@@ -179,7 +179,7 @@ def _read_metadata(model_dir: Path) -> dict[str, Any]:
 
 def _read_weights_header(model_dir: Path) -> dict[str, Any]:
     """Parameter count, bytes on disk and main dtype of the weights, from the safetensors headers only."""
-    index = _read_json(model_dir / WEIGHTS_INDEX_NAME)
+    index = read_json(model_dir / WEIGHTS_INDEX_NAME)
     names = sorted(set(index["weight_map"].values())) if index else [WEIGHTS_NAME]
     files = [model_dir / name for name in names]
     if not all(path.is_file() for path in files):

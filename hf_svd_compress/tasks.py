@@ -20,10 +20,10 @@ from transformers import (
     set_seed,
 )
 
-from .data import fashion_mnist_transform, load_bbc_news, load_fashion_mnist, load_text_dataset
-from .evaluation import make_compute_metrics
-from .pipeline import TaskSetup
-from .validation import COUNT, POSITIVE, check_fields
+from hf_svd_compress.data import fashion_mnist_transform, load_bbc_news, load_fashion_mnist, load_text_dataset
+from hf_svd_compress.evaluation import make_compute_metrics
+from hf_svd_compress.pipeline import TaskSetup
+from hf_svd_compress.validation import COUNT, POSITIVE, check_fields
 
 DEFAULT_DINOV2_DIR = Path.home() / ".cache" / "hf_svd_compress" / "dinov2-s14"
 # How the numeric task fields are checked (`validation.number`).
@@ -210,7 +210,7 @@ def _image_data(task: ImageTaskArguments, seed: int):
         return load_fashion_mnist(
             train_size=task.train_size, eval_size=task.eval_size, test_size=task.test_size, seed=seed
         )
-    from .data import load_image_dataset
+    from hf_svd_compress.data import load_image_dataset
 
     return load_image_dataset(
         task.dataset, task.image_column, task.label_column, seed=seed, sizes=(task.train_size, task.eval_size)

@@ -24,13 +24,7 @@ from pathlib import Path
 
 from hf_svd_compress import SVDTrainingArguments
 from hf_svd_compress.cli import parse_with_config, refusals
-from hf_svd_compress.pipeline import (
-    PipelineArguments,
-    check_arguments,
-    end_processes,
-    preflight,
-    run_compression,
-)
+from hf_svd_compress.pipeline import PipelineArguments, check_arguments, end_processes, preflight, run_compression
 from hf_svd_compress.tasks import DEFAULT_DINOV2_DIR, ImageTaskArguments, setup_image_classification
 
 DEFAULTS = {"remove_unused_columns": False, "output_dir": "outputs/dinov2-fmnist", "report_to": "none"}

@@ -27,13 +27,7 @@ import sys
 
 from hf_svd_compress import SVDTrainingArguments
 from hf_svd_compress.cli import parse_with_config, refusals
-from hf_svd_compress.pipeline import (
-    PipelineArguments,
-    check_arguments,
-    end_processes,
-    preflight,
-    run_compression,
-)
+from hf_svd_compress.pipeline import PipelineArguments, check_arguments, end_processes, preflight, run_compression
 from hf_svd_compress.tasks import TextTaskArguments, setup_text_classification
 
 

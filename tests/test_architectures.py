@@ -16,7 +16,7 @@ from safetensors import safe_open
 from test_export import fresh_case, run_fresh
 
 from hf_svd_compress import SVDConfig, load_compressed, prune_, save_compressed, svd_factorize_, svd_layers
-from hf_svd_compress.templates.modeling_svd_compressed import GUARD_KEY
+from hf_svd_compress.hub.templates.modeling_svd_compressed import GUARD_KEY
 
 # Default targets per architecture (2 blocks each unless noted), written out by hand: every linear layer of the
 # repeated blocks, never embeddings, poolers or heads.

@@ -270,7 +270,7 @@ def test_config_file_targets_as_a_list_and_numbers_as_flags(tmp_path):
     from hf_svd_compress.cli import COMPRESS_DEFAULTS, parse_with_config
     from hf_svd_compress.pipeline import PipelineArguments
     from hf_svd_compress.tasks import TextTaskArguments
-    from hf_svd_compress.trainer import SVDTrainingArguments
+    from hf_svd_compress.training.arguments import SVDTrainingArguments
 
     config = tmp_path / "run.yaml"
     config.write_text("target_modules: [query, value]\nlearning_rate: 1e-4\nsvd_steps: 20\nbf16: false\n")
@@ -319,7 +319,7 @@ def test_the_default_budget_and_an_explicit_one(tmp_path):
     from hf_svd_compress.cli import COMPRESS_DEFAULTS, parse_with_config
     from hf_svd_compress.pipeline import PipelineArguments
     from hf_svd_compress.tasks import TextTaskArguments
-    from hf_svd_compress.trainer import SVDTrainingArguments
+    from hf_svd_compress.training.arguments import SVDTrainingArguments
 
     types = (TextTaskArguments, PipelineArguments, SVDTrainingArguments)
     argv = ["--output_dir", str(tmp_path), "--prune_budget", "0.5"]

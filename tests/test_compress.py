@@ -9,7 +9,7 @@ from conftest import make_bert
 from test_trainer import args, tiny_data
 
 from hf_svd_compress import compress, compress_config, current_ranks, svd_layers
-from hf_svd_compress.pruning import layer_params
+from hf_svd_compress.layers.allocation import layer_params
 
 
 def kept_fraction(model: torch.nn.Module) -> float:

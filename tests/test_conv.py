@@ -34,9 +34,9 @@ from hf_svd_compress import (
     svd_to_lowrank_,
     truncate_,
 )
-from hf_svd_compress.conv import SVDConv2d, kernel_to_matrix
-from hf_svd_compress.export import METADATA_KEY
-from hf_svd_compress.templates.modeling_svd_compressed import LowRankConv2d
+from hf_svd_compress.config import METADATA_KEY
+from hf_svd_compress.hub.templates.modeling_svd_compressed import LowRankConv2d
+from hf_svd_compress.layers.conv import SVDConv2d, kernel_to_matrix
 
 MODES = ["channel", "spatial"]
 # (kernel_size, stride, padding, dilation, bias): square/rectangular kernels, strides, paddings, dilations.

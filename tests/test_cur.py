@@ -23,11 +23,11 @@ from hf_svd_compress import (
     svd_factorize_,
     truncate_,
 )
-from hf_svd_compress.cur import (
+from hf_svd_compress.layers.base import RegularizerSettings
+from hf_svd_compress.layers.cur import (
     CompactCURLinear,
     CURLinear,
     approximation_loss,
-    approximation_total,
     break_even_rank,
     cur_layers,
     cur_profile,
@@ -452,10 +452,19 @@ def test_term_is_scaled_like_the_task_loss_under_gradient_accumulation(tmp_path)
     assert diff(accumulated) < 1e-4
 
 
-def test_no_recorded_term_is_an_error():
-    layer = CURLinear.from_linear(nn.Linear(8, 8))
-    with pytest.raises(RuntimeError, match="recorded"):
-        approximation_total([layer])
+def test_the_approximation_term_is_recorded_in_forward_only_when_asked():
+    layer = CURLinear.from_linear(nn.Linear(8, 8), approx_rank=2).train()
+    assert layer.configure_regularizers(RegularizerSettings(approx=True))
+    assert layer.pop_terms() == {}  # nothing before a forward pass
+    layer(torch.randn(3, 8))
+    terms = layer.pop_terms()
+    assert (
+        set(terms) == {"approx_loss"} and 0 < float(terms["approx_loss"]) <= 1 and terms["approx_loss"].requires_grad
+    )
+    assert layer.pop_terms() == {}  # popped
+    assert not layer.configure_regularizers(RegularizerSettings(orth=True, sparsity="l1"))  # not CUR terms
+    layer(torch.randn(3, 8))
+    assert layer.pop_terms() == {}
 
 
 def test_prune_truncate_fine_tune_export_reload(tmp_path):

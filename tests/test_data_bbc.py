@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import datasets  # noqa: E402
 import pytest  # noqa: E402
 
-from hf_svd_compress.data import BBC_NEWS_LABELS, load_bbc_news, load_text_dataset  # noqa: E402
+from hf_svd_compress.data import BBC_NEWS_LABELS, load_bbc_news, load_text_dataset
 
 CLASS_COUNTS = {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
 

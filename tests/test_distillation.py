@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_svd_compress.distillation import distillation_loss
+from hf_svd_compress.training.distillation import distillation_loss
 
 
 def reference(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from transformers import EvalPrediction  # noqa: E402
 
 from hf_svd_compress import evaluation  # noqa: E402
-from hf_svd_compress.evaluation import (  # noqa: E402
+from hf_svd_compress.evaluation import (
     METRIC_MODULES_DIR,
     MetricLoadError,
     accuracy,

@@ -50,7 +50,8 @@ from hf_svd_compress import (
     svd_layers,
     truncate_,
 )
-from hf_svd_compress.export import METADATA_KEY, MODELING_FILE
+from hf_svd_compress.config import METADATA_KEY
+from hf_svd_compress.hub.format import MODELING_FILE
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_svd_compress import NoTargetModulesError, SVDConfig, SVDLinear, svd_factorize_, svd_layers
-from hf_svd_compress.factorize import CONFIG_KEY
+from hf_svd_compress.config import CONFIG_KEY
 
 
 def _module_ids(model: nn.Module) -> dict[str, int]:

@@ -27,14 +27,14 @@ from hf_svd_compress import (
     to_householder_,
     truncate_,
 )
-from hf_svd_compress.householder import (
+from hf_svd_compress.layers.householder import (
     HouseholderFactor,
     TTHouseholderFactor,
     householder_columns,
     prime_factors,
     tt_ranks,
 )
-from hf_svd_compress.parameterizations import factored_layer
+from hf_svd_compress.layers.registry import factored_layer
 
 KINDS = ["householder", "sttp"]
 

@@ -13,9 +13,9 @@ from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from transformers import AutoModelForSequenceClassification
 
 from hf_svd_compress import SVDConfig, load_compressed, push_compressed_to_hub, save_compressed, svd_factorize_
-from hf_svd_compress import export as export_module
-from hf_svd_compress import hub as hub_module
-from hf_svd_compress.hub import DEFAULT_COMMIT_MESSAGE
+from hf_svd_compress.hub import load as export_module
+from hf_svd_compress.hub import push as hub_module
+from hf_svd_compress.hub.push import DEFAULT_COMMIT_MESSAGE
 
 
 class FakeHfApi(HfApi):

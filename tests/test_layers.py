@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_svd_compress import SVDLinear
-from hf_svd_compress import layers as layers_module
+from hf_svd_compress.layers import svd as layers_module
 
 
 def _dense(out_features=24, in_features=12, bias=True, dtype=torch.float32) -> nn.Linear:

@@ -8,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_svd_compress import NoTargetModulesError, SVDConfig
-from hf_svd_compress.matching import block_module_names, find_targets, matches
+from hf_svd_compress.core.matching import block_module_names, find_targets, matches
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from hf_svd_compress import (
     svd_factorize_,
     svd_layers,
 )
-from hf_svd_compress.regularizers import regularizer_totals
+from hf_svd_compress.layers.regularizers import regularizer_totals
 
 CONFIG = SVDConfig(orth_weight=1.0, sparsity="hoyer", sparsity_weight=0.05)
 

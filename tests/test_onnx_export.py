@@ -14,7 +14,7 @@ from architectures import BY_NAME
 from test_architectures import compressed
 
 from hf_svd_compress import save_compressed
-from hf_svd_compress.onnx_export import check_onnx_installed, export_onnx
+from hf_svd_compress.hub.onnx import check_onnx_installed, export_onnx
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")

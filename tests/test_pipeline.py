@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import TrainingArguments
 
-from hf_svd_compress.compress import compress_config
 from hf_svd_compress.pipeline import PipelineArguments, check_unsharded
-from hf_svd_compress.trainer import SVDTrainingArguments
+from hf_svd_compress.training.arguments import SVDTrainingArguments
+from hf_svd_compress.training.compress import compress_config
 
 
 def test_plain_and_ddp_runs_pass(tmp_path, monkeypatch):

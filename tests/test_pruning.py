@@ -9,7 +9,8 @@ from conftest import MODEL_CASES, forward, linear_with_spectrum, relative_error
 from torch import nn
 
 from hf_svd_compress import SVDConfig, SVDLinear, current_ranks, prune_, svd_factorize_, svd_layers, truncate_
-from hf_svd_compress.pruning import layer_params, worth_factoring
+from hf_svd_compress.core.pruning import worth_factoring
+from hf_svd_compress.layers.allocation import layer_params
 
 SPECTRUM = np.array([6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.25, 0.1, 0.05])
 

@@ -8,7 +8,7 @@ import torch
 from conftest import bert_inputs, make_bert
 
 from hf_svd_compress import SVDConfig, SVDLinear, svd_factorize_, svd_layers
-from hf_svd_compress.regularizers import (
+from hf_svd_compress.layers.regularizers import (
     gram_deviation,
     gram_deviation_estimate,
     hoyer,

@@ -29,8 +29,8 @@ from hf_svd_compress import (
     current_ranks,
     svd_factorize_,
 )
-from hf_svd_compress.distillation import distillation_loss, hidden_state_loss
-from hf_svd_compress.regularizers import regularizer_totals
+from hf_svd_compress.layers.regularizers import regularizer_totals
+from hf_svd_compress.training.distillation import distillation_loss, hidden_state_loss
 
 SCRIPT = Path(__file__).parent / "scripts" / "one_sgd_step.py"
 

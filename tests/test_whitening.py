@@ -19,8 +19,9 @@ from hf_svd_compress import (
     svd_factorize_,
     svd_layers,
 )
-from hf_svd_compress.layers import SVDLinear, whitening
-from hf_svd_compress.regularizers import regularizer_totals
+from hf_svd_compress.layers.linalg import whitening
+from hf_svd_compress.layers.regularizers import regularizer_totals
+from hf_svd_compress.layers.svd import SVDLinear
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
 FFN_OUT = "bert.encoder.layer.1.output.dense"

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from hf_svd_compress import SVDConfig, svd_factorize_, svd_layers
-from hf_svd_compress.layers import FACTORABLE_TYPES, dense_weight
-from hf_svd_compress.matching import find_targets
+from hf_svd_compress.core.matching import find_targets
+from hf_svd_compress.layers.linalg import FACTORABLE_TYPES, dense_weight
 
 
 def target_names(model: nn.Module, config: SVDConfig) -> list[str]:

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator
 
 from hf_svd_compress import SVDTrainer, SVDTrainingArguments, save_compressed, svd_layers
-from hf_svd_compress.cur import cur_layers
+from hf_svd_compress.layers.allocation import layer_params
+from hf_svd_compress.layers.cur import cur_layers
 from hf_svd_compress.pipeline import TaskSetup
-from hf_svd_compress.pruning import layer_params
 
 from .settings import RegConfig, Settings
 

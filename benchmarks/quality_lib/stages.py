@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_svd_compress import SVDConfig, activation_scales, prune_, svd_factorize_, truncate_
-from hf_svd_compress.layers import dense_weight
+from hf_svd_compress.layers.linalg import dense_weight
 from hf_svd_compress.pipeline import TaskSetup
 
 from .asvd import asvd_factorize_, normalize_columns_, target_names

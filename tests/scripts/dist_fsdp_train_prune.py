@@ -36,7 +36,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 
 from hf_svd_compress import current_ranks
 from hf_svd_compress.pipeline import end_processes
-from hf_svd_compress.trainer import SVDPruningCallback
+from hf_svd_compress.training.callbacks import SVDPruningCallback
 
 
 def shard(model: nn.Module, version: int) -> nn.Module:

@@ -20,24 +20,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CONV_MODES
-from .layers import SVDLinear, _svd, energy_rank
-from .templates.modeling_svd_compressed import FactoredWeight, LowRankConv2d, conv_stages
+from hf_svd_compress.hub.templates.modeling_svd_compressed import FactoredWeight, LowRankConv2d, conv_stages
+from hf_svd_compress.layers.linalg import energy_rank, thin_svd
+from hf_svd_compress.layers.registry import Parameterization, register_parameterization
+from hf_svd_compress.layers.svd import SVDLinear
 
-__all__ = ["GEOMETRY_KEYS", "SVDConv2d", "check_conv", "conv_tensor_shapes", "kernel_to_matrix"]
+__all__ = ["CONV_MODES", "GEOMETRY_KEYS", "SVDConv2d", "check_conv", "conv_tensor_shapes", "kernel_to_matrix"]
 
 Padding = tuple[int, int] | str
+# How an `nn.Conv2d` weight [Cout, Cin, kh, kw] is flattened to a matrix before its SVD (Yang et al.).
+CONV_MODES = ("channel", "spatial")
 # The keys of `SVDConv2d.geometry()`, stored per conv in the export's `svd_compression["convs"]`.
 GEOMETRY_KEYS = ("mode", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
 
 
-def check_conv(conv: nn.Module, conv_mode: str, parameterization: str = "svd", name: str = "the conv") -> None:
-    """Raise if `conv` cannot be factored as `conv_mode` under `parameterization` (nothing is changed).
+def check_conv(conv: nn.Module, conv_mode: str, name: str = "the conv") -> None:
+    """Raise if `conv` cannot be factored as `conv_mode` (nothing is changed).
 
     Args:
         conv (`nn.Module`): Should be an `nn.Conv2d`.
         conv_mode (`str`): `"channel"` or `"spatial"`.
-        parameterization (`str`, defaults to `"svd"`): Only `"svd"` factors convolutions.
         name (`str`): Module name for the messages.
 
     Raises:
@@ -48,11 +50,6 @@ def check_conv(conv: nn.Module, conv_mode: str, parameterization: str = "svd", n
     fix = "exclude it with SVDConfig(exclude_modules=[...]) or leave it out of target_modules"
     if conv_mode not in CONV_MODES:
         raise ValueError(f"conv_mode={conv_mode!r} is not supported for {name}: use one of {CONV_MODES}.")
-    if parameterization != "svd":
-        raise ValueError(
-            f"SVDConfig.parameterization={parameterization!r} cannot factor {name} (an nn.Conv2d): only 'svd' "
-            f"factors convolutions; use parameterization='svd' or {fix}."
-        )
     if conv.groups != 1:
         raise ValueError(
             f"{name} is a grouped conv (groups={conv.groups}): its weight is block-diagonal, not one matrix to "
@@ -95,6 +92,8 @@ class SVDConv2d(SVDLinear):
     `U` is `[rows, r]`, `V` is `[cols, r]` of the matrix view; `in_features`/`out_features` are its columns/rows, so
     parameter counts (`r (m + n)` factored, `m n` dense) equal the conv's. The `weight` property is the dense kernel.
     """
+
+    dense_type = nn.Conv2d
 
     def __init__(
         self,
@@ -158,7 +157,7 @@ class SVDConv2d(SVDLinear):
         matrix = kernel_to_matrix(conv.weight, conv_mode)
         full = min(matrix.shape)
         keep = min(max_rank or full, full)
-        U, s, V = _svd(matrix, keep if energy is None else full)
+        U, s, V = thin_svd(matrix, keep if energy is None else full)
         if energy is not None:
             keep = min(keep, energy_rank(s, energy))
         geometry = _conv_geometry(conv, conv_mode)
@@ -260,7 +259,35 @@ class SVDConv2d(SVDLinear):
         return conv
 
     def to_linear(self) -> nn.Linear:
-        raise TypeError("SVDConv2d is a convolution: merge it with to_conv(), not to_linear().")
+        raise TypeError("SVDConv2d is a convolution: merge it with to_conv() (or to_dense()), not to_linear().")
+
+    def to_dense(self) -> nn.Conv2d:
+        return self.to_conv()
+
+    def export_tensors(self, name: str, dense: bool) -> dict[str, torch.Tensor]:
+        """Two conv kernels `{name}.down.weight`, `{name}.up.weight` (+ `up.bias`), or the dense `{name}.weight`."""
+        if dense:
+            tensors, prefix = {f"{name}.weight": self.merged_kernel()}, f"{name}."
+        else:
+            down, up = self.factored_kernels()
+            tensors, prefix = {f"{name}.down.weight": down, f"{name}.up.weight": up}, f"{name}.up."
+        if self.bias is not None:
+            tensors[prefix + "bias"] = self.bias.detach().clone()
+        return tensors
+
+    def export_metadata(self, name: str) -> dict[str, dict[str, Any]]:
+        """The conv's geometry, under `svd_compression["convs"]` (which files without convs lack)."""
+        return {"convs": {name: self.geometry()}}
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        return {**super().checkpoint_record(), "geometry": self.geometry()}
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], prefix: str, dense: nn.Module, record: dict[str, Any]
+    ) -> SVDConv2d:
+        rank, dtype = state[f"{prefix}s"].shape[0], state[f"{prefix}s"].dtype
+        return cls.from_geometry(record["geometry"], rank, f"{prefix}bias" in state, dtype=dtype)
 
     @torch.no_grad()
     def to_low_rank(self) -> LowRankConv2d:
@@ -421,3 +448,16 @@ def _split_product(
         return q_p @ small_p, s, q_c @ small_ch.T
     s = carrier.norm(dim=0)
     return plain, s, carrier / torch.where(s > 0, s, torch.ones_like(s))
+
+
+register_parameterization(
+    Parameterization(
+        "svd",
+        (nn.Conv2d,),
+        build=lambda conv, config, scale, covariance: SVDConv2d.from_conv(
+            conv, config.conv_mode, config.init_energy, config.init_max_rank
+        ),
+        check=lambda conv, config, name: check_conv(conv, config.conv_mode, name),
+        fields=("conv_mode",),
+    )
+)

@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import SVDConfig
-from .layers import compose_first, dense_weight, energy_rank
+from hf_svd_compress.layers.base import FactoredLayer, RegularizerSettings, dense_module, dense_type_of
+from hf_svd_compress.layers.linalg import FACTORABLE_TYPES, compose_first, dense_weight, energy_rank, whole, work_dtype
+from hf_svd_compress.layers.registry import Parameterization, register_parameterization
+from hf_svd_compress.layers.svd import SVDLinear
+
+if TYPE_CHECKING:
+    from hf_svd_compress.config import SVDConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +63,6 @@ def exported_params(out_features: int, in_features: int, rank: int) -> int:
     return min(rank * (out_features + in_features), out_features * in_features)
 
 
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _rtol(out_features: int, in_features: int) -> float:
     # One cut-off for every pseudo-inverse (float32 forward, float64 export), so they agree on numerically dependent
     # columns: singular values below max(m, n) * eps32 of the largest count as zero.
@@ -70,11 +72,6 @@ def _rtol(out_features: int, in_features: int) -> float:
 def _full_precision(t: torch.Tensor):
     """Autocast off on `t`'s device: the CUR algebra (pseudo-inverses, residuals) runs in float32 or float64."""
     return torch.autocast(device_type=t.device.type, enabled=False)
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """`t`, or the whole tensor of an FSDP2 / tensor-parallel `DTensor` (a collective: all processes call it)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 # ---- the decomposition -------------------------------------------------------------------------------------------
@@ -129,7 +126,7 @@ def approximation_loss(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
         A scalar float32 (float64 for a float64 weight) tensor in [0, 1], differentiable with respect to `weight`.
     """
     with _full_precision(weight):
-        w = weight.to(_work_dtype(weight))
+        w = weight.to(work_dtype(weight))
         C, R = w[:, cols], w[rows]
         with torch.no_grad():
             core = optimal_core(C, w, R)
@@ -180,7 +177,7 @@ def cur_profile(
     Returns:
         `CURProfile`.
     """
-    w = weight.detach().to(_work_dtype(weight))
+    w = weight.detach().to(work_dtype(weight))
     U, _, Vh = torch.linalg.svd(w, full_matrices=False)
     grid = sorted({2**i for i in range(max_rank.bit_length()) if 2**i <= max_rank} | {max_rank})
     selections = [(*leverage_orders(U, Vh, t), t) for t in grid]
@@ -203,7 +200,14 @@ def _prefix_errors(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, max_
 # ---- layers -------------------------------------------------------------------------------------------------------
 
 
-class CURLinear(nn.Module):
+def _allocate_cur_ranks(
+    cls: type, layers: dict, energy: float | None, budget: float | None, rank_multiple: int, allocation_rule: str
+) -> dict[str, int]:
+    """`allocate_ranks` of the CUR layers: `prune_cur_`'s enumeration (the SVD `allocation_rule` does not apply)."""
+    return prune_cur_(layers, energy, budget, rank_multiple)
+
+
+class CURLinear(FactoredLayer):
     """A linear layer trained toward its CUR approximation; dense at full rank, `C U R` after `prune_`.
 
     Args:
@@ -217,6 +221,8 @@ class CURLinear(nn.Module):
     and the rank whose leverage scores made the orders. Python copies of the ranks keep the forward free of
     host-device syncs.
     """
+
+    parameterization = "cur"
 
     def __init__(
         self,
@@ -287,6 +293,7 @@ class CURLinear(nn.Module):
         weight = dense_weight(linear)
         m, n = weight.shape
         layer = cls(n, m, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        layer.dense_type = dense_type_of(linear)
         layer.weight.copy_(weight)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias)
@@ -317,8 +324,8 @@ class CURLinear(nn.Module):
             if value is not None:
                 _check_rank(name, value, full)
         if orders is None:
-            w = _whole(self.weight).detach()
-            U, _, Vh = torch.linalg.svd(w.to(_work_dtype(w)), full_matrices=False)
+            w = whole(self.weight).detach()
+            U, _, Vh = torch.linalg.svd(w.to(work_dtype(w)), full_matrices=False)
             orders = leverage_orders(U, Vh, leverage_rank)
         self.row_order.copy_(orders[0])
         self.col_order.copy_(orders[1])
@@ -333,7 +340,7 @@ class CURLinear(nn.Module):
         """`(C, U, R)` at `rank` (default: the forward rank) in float32+, differentiable with respect to `weight`."""
         k = self.rank if rank is None else rank
         with _full_precision(self.weight):
-            w = self.weight.to(_work_dtype(self.weight))
+            w = self.weight.to(work_dtype(self.weight))
             C, R = w[:, self.col_order[:k]], w[self.row_order[:k]]
             return C, optimal_core(C, w, R), R
 
@@ -364,7 +371,7 @@ class CURLinear(nn.Module):
 
         At full rank (dense), `(I, W)` or `(W, I)`: rank `min(m, n)`, which export stores dense.
         """
-        w = _whole(self.weight).detach()
+        w = whole(self.weight).detach()
         if self.rank >= self.full_rank:
             eye = torch.eye(self.full_rank, device=w.device, dtype=w.dtype)
             return (eye, w.clone()) if self.out_features >= self.in_features else (w.clone(), eye)
@@ -381,7 +388,7 @@ class CURLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A dense `nn.Linear` computing the same function."""
-        w = _whole(self.weight)
+        w = whole(self.weight)
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=w.device, dtype=w.dtype)
         linear.weight.copy_(self.composed_weight())
         if self.bias is not None:
@@ -400,7 +407,7 @@ class CURLinear(nn.Module):
                 f"CURLinear is at full rank {self.full_rank}: call prune_(model, budget=... or energy=...) before "
                 "truncating it."
             )
-        w = _whole(self.weight).detach()
+        w = whole(self.weight).detach()
         C, U, R = self._exact_factors(w)
         layer = CompactCURLinear(
             self.in_features, self.out_features, self.rank, self.bias is not None, device=w.device, dtype=w.dtype
@@ -410,6 +417,44 @@ class CURLinear(nn.Module):
                 param.copy_(value)
         layer.row_index.copy_(self.row_order[: self.rank])
         layer.col_index.copy_(self.col_order[: self.rank])
+        layer.dense_type = self.dense_type
+        return layer
+
+    # ---- FactoredLayer ----------------------------------------------------------------------------------------
+
+    allocate_ranks = classmethod(_allocate_cur_ranks)
+
+    def truncate_(self) -> FactoredLayer:
+        """The `CompactCURLinear` of a pruned layer; a layer at full rank stays (`C U R` would store more)."""
+        return self.to_compact() if self.rank < self.full_rank else self
+
+    def svd_form(self) -> SVDLinear:
+        """The `SVDLinear` of the exported layout `up = C`, `down = U R` (not re-orthonormalized)."""
+        layer = SVDLinear.from_low_rank_factors(*self.low_rank_factors(), self.bias)
+        layer.dense_type = self.dense_type
+        return layer
+
+    def to_dense(self) -> nn.Module:
+        with torch.no_grad():
+            return dense_module(self.composed_weight().detach(), self.bias, self.dense_type)
+
+    def configure_regularizers(self, settings: RegularizerSettings) -> bool:
+        self.approx_terms.clear()
+        self.approx_enabled = settings.approx and self.approximating
+        return self.approx_enabled
+
+    def pop_terms(self) -> dict[str, torch.Tensor]:
+        terms, self.approx_terms = self.approx_terms, []
+        return {"approx_loss": torch.stack(terms).sum()} if terms else {}
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], prefix: str, dense: nn.Module, record: dict[str, Any]
+    ) -> CURLinear:
+        out_features, in_features = dense_weight(dense).shape
+        weight = state[f"{prefix}weight"]
+        layer = cls(in_features, out_features, f"{prefix}bias" in state, dtype=weight.dtype)
+        layer.dense_type = dense_type_of(dense)
         return layer
 
     def _exact_factors(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -426,7 +471,7 @@ class CURLinear(nn.Module):
         self._ranks = tuple(int(v) for v in self.cur_ranks.tolist())
 
 
-class CompactCURLinear(nn.Module):
+class CompactCURLinear(FactoredLayer):
     """A truncated CUR layer, `y = x (C U R)^T + bias`, with `C` [out, k], `U` [k, k] and `R` [k, in] trainable.
 
     Args:
@@ -438,6 +483,8 @@ class CompactCURLinear(nn.Module):
     Buffers `row_index`, `col_index` record which rows and columns of the weight `R` and `C` started as. Export
     writes `down = U R` [k, in] and `up = C` [out, k], the format `save_compressed` uses for every low-rank layer.
     """
+
+    parameterization = "cur"
 
     def __init__(
         self,
@@ -483,7 +530,7 @@ class CompactCURLinear(nn.Module):
     @torch.no_grad()
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(down, up) = (U R, C)`, computed in float32+ and returned in the parameters' dtype."""
-        work = _work_dtype(self.U)
+        work = work_dtype(self.U)
         down = self.U.detach().to(work) @ self.R.detach().to(work)
         return down.to(self.U.dtype), self.C.detach().clone()
 
@@ -500,6 +547,39 @@ class CompactCURLinear(nn.Module):
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear
+
+    # ---- FactoredLayer ----------------------------------------------------------------------------------------
+
+    allocate_ranks = classmethod(_allocate_cur_ranks)  # shared with CURLinear, which refuses_pruning() guards
+
+    def refuses_pruning(self) -> str | None:
+        return (
+            "truncated CUR layers keep their columns and rows: "
+            "prune before truncate_, or factor the dense model again."
+        )
+
+    def truncate_(self) -> CompactCURLinear:
+        return self
+
+    def svd_form(self) -> SVDLinear:
+        """The `SVDLinear` of the exported layout `up = C`, `down = U R` (not re-orthonormalized)."""
+        layer = SVDLinear.from_low_rank_factors(*self.low_rank_factors(), self.bias)
+        layer.dense_type = self.dense_type
+        return layer
+
+    def to_dense(self) -> nn.Module:
+        with torch.no_grad():
+            return dense_module(self.composed_weight().detach(), self.bias, self.dense_type)
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], prefix: str, dense: nn.Module, record: dict[str, Any]
+    ) -> CompactCURLinear:
+        out_features, in_features = dense_weight(dense).shape
+        core = state[f"{prefix}U"]
+        layer = cls(in_features, out_features, core.shape[0], f"{prefix}bias" in state, dtype=core.dtype)
+        layer.dense_type = dense_type_of(dense)
+        return layer
 
 
 CUR_TYPES = (CURLinear, CompactCURLinear)
@@ -540,7 +620,7 @@ def cur_layer(dense: nn.Module, config: SVDConfig) -> CURLinear:
     if config.prune_budget is not None:
         target = int(config.prune_budget * m * n // (m + n))
     else:
-        target = energy_rank(torch.linalg.svdvals(weight.to(_work_dtype(weight))), config.prune_energy)
+        target = energy_rank(torch.linalg.svdvals(weight.to(work_dtype(weight))), config.prune_energy)
     multiple = config.prune_rank_multiple
     approx_rank = max(1, min(limit, -(-max(target, 1) // multiple) * multiple)) if limit else min(m, n)
     layer = CURLinear.from_linear(dense, approx_rank)
@@ -570,24 +650,6 @@ def refresh_cur_selection_(model: nn.Module) -> dict[str, int]:
     """Recompute every `CURLinear`'s leverage orders from its current weight; returns `{name: leverage_rank}`."""
     layers = {n: m for n, m in cur_layers(model).items() if isinstance(m, CURLinear)}
     return {name: layer.refresh_selection_().leverage_rank for name, layer in layers.items()}
-
-
-def approximation_total(layers: list[CURLinear]) -> torch.Tensor:
-    """Sum of the approximation terms the layers recorded in the last forward pass; clears them.
-
-    Raises:
-        `RuntimeError`: no layer recorded a term (the forward ran without them, e.g. under nn.DataParallel).
-    """
-    terms = [t for layer in layers for t in layer.approx_terms]
-    for layer in layers:
-        layer.approx_terms.clear()
-    if not terms:
-        raise RuntimeError(
-            "No CURLinear recorded its approximation term in the forward pass. torch.nn.DataParallel and reentrant "
-            "gradient checkpointing are not supported: launch with `accelerate launch` (DDP) and use "
-            "gradient_checkpointing_kwargs={'use_reentrant': False}."
-        )
-    return torch.stack(terms).sum()
 
 
 def truncate_cur_(model: nn.Module) -> dict[str, int]:
@@ -678,7 +740,7 @@ def _layer_options(layer: CURLinear, rank_multiple: int) -> _Options:
     profile = None
     if profiled:
         own = (layer.row_order, layer.col_order, layer.leverage_rank)
-        profile = cur_profile(_whole(layer.weight), profiled, extra=own)
+        profile = cur_profile(whole(layer.weight), profiled, extra=own)
     errors = torch.tensor([profile.errors[k - 1].item() if k < layer.full_rank else 0.0 for k in ranks])
     costs = torch.tensor([float(exported_params(m, n, k)) for k in ranks], dtype=torch.float64)
     return _Options(ranks, errors.double(), costs, profile)
@@ -727,3 +789,12 @@ def _apply(layer: CURLinear, options: _Options, pick: int) -> None:
         return
     rows, cols, leverage = options.profile.selection(rank)
     layer.select_(leverage, approx_rank=rank, rank=rank, orders=(rows.clone(), cols.clone()))
+
+
+register_parameterization(
+    Parameterization(
+        "cur",
+        FACTORABLE_TYPES,
+        build=lambda linear, config, scale, covariance: cur_layer(linear, config),
+    )
+)

@@ -1,22 +1,22 @@
-"""`svd_factorize_`: swap the target linear layers of a model for `SVDLinear`, in place."""
+"""`svd_factorize_`: swap the target layers of a model for factored ones (`FactoredLayer`), in place; the config
+they record; `to_householder_`, which swaps factored layers for Householder ones."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .calibration import CalibrationData, input_covariances
-from .config import SVDConfig
-from .conv import SVDConv2d, check_conv
-from .cur import CUR_TYPES
-from .layers import FACTORABLE_TYPES, SVDLinear, dense_weight
-from .matching import NoTargetModulesError, find_targets
-from .parameterizations import factored_layer
-
-# Attribute of `model.config` that marks a factored model; survives save_pretrained and Trainer checkpoints.
-CONFIG_KEY = "svd_training"
+from hf_svd_compress.config import CONFIG_KEY, METADATA_KEY, SVDConfig
+from hf_svd_compress.core.calibration import CalibrationData, input_covariances
+from hf_svd_compress.core.matching import NoTargetModulesError, find_targets
+from hf_svd_compress.layers.base import FactoredLayer, factored_modules
+from hf_svd_compress.layers.householder import HOUSEHOLDER_PARAMETERIZATIONS, HouseholderSVDLinear
+from hf_svd_compress.layers.linalg import FACTORABLE_TYPES, dense_weight
+from hf_svd_compress.layers.registry import check_factorable, data_aware_names, factored_layer, lookup
+from hf_svd_compress.layers.svd import plain_svd_layers
 
 
 def target_names(
@@ -29,7 +29,7 @@ def target_names(
             rejects every match.
     """
     targets = config.resolved_targets(getattr(getattr(model, "config", None), "model_type", None))
-    layer_types = (*FACTORABLE_TYPES, SVDLinear, *CUR_TYPES)
+    layer_types = (*FACTORABLE_TYPES, FactoredLayer)
     names = find_targets(model, targets, config.exclude_modules, layer_types)
     if filter_fn is None:
         return names
@@ -92,7 +92,7 @@ def svd_factorize_(
     names = target_names(model, config, filter_fn)
     modules = dict(model.named_modules())
     # nn.Conv2d is factored only when named: "all-linear" (in find_targets) stays linear layers only.
-    accepted = (*FACTORABLE_TYPES, SVDLinear, *CUR_TYPES, nn.Conv2d)
+    accepted = (*FACTORABLE_TYPES, FactoredLayer, nn.Conv2d)
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], accepted)]
     if wrong:
         raise TypeError(
@@ -100,9 +100,9 @@ def svd_factorize_(
             "linear layers and 2D convolutions can be factored: target their linear sublayers by name (e.g. "
             "'attention.self.query'), a conv by name (e.g. 'patch_embeddings.projection') or use 'all-linear'."
         )
-    for name in names:  # refuse a conv that cannot be factored before any layer is swapped
-        if isinstance(modules[name], nn.Conv2d):
-            check_conv(modules[name], config.conv_mode, config.parameterization, name)
+    for name in names:  # refuse a layer the parameterization cannot factor before any layer is swapped
+        if not isinstance(modules[name], FactoredLayer):
+            check_factorable(modules[name], config, name)
     if input_scales is not None and calibration is not None:
         raise ValueError("Give input_scales (ASVD) or calibration (whitened factors), not both.")
     if input_scales is not None:
@@ -120,15 +120,20 @@ def svd_factorize_(
     for name in names:
         scale = None if input_scales is None else input_scales.get(name)
         _factor_one(model, name, config, scale, None if calibration is None else calibration.get(name))
-    model.svd_config = config
-    _record_on_config(model, config)
+    attach_svd_config(model, config)
     return model
 
 
 def check_data_aware(modules: dict[str, nn.Module], names: list[str], config: SVDConfig, what: str) -> None:
     """Refuse a data-aware start (`what`: the argument) for a config or targets it does not apply to."""
+    dense = [n for n in names if not isinstance(modules[n], FactoredLayer)]
+    convs = [n for n in dense if isinstance(modules[n], nn.Conv2d)]
+    linear = [n for n in dense if n not in convs]
     fixes = {
-        "parameterization": (config.parameterization != "svd", 'parameterization="svd"'),
+        "parameterization": (
+            any(not lookup(modules[n], config.parameterization, n).data_aware for n in linear),
+            f"parameterization={data_aware_names()[0]!r}",
+        ),
         "init_energy / init_max_rank": (
             config.init_energy is not None or config.init_max_rank is not None,
             "no init_energy / init_max_rank: the data-aware start is full rank (prune after training)",
@@ -137,14 +142,13 @@ def check_data_aware(modules: dict[str, nn.Module], names: list[str], config: SV
     wrong = [f"{field} (use {fix})" for field, (bad, fix) in fixes.items() if bad]
     if wrong:
         raise ValueError(f"{what}: {'; '.join(wrong)}.")
-    convs = [n for n in names if isinstance(modules[n], nn.Conv2d)]
     if convs:
         raise ValueError(f"{what}: data-aware factors are for linear layers; leave out the convs {convs[:3]}.")
 
 
 def check_covariances(modules: dict[str, nn.Module], names: list[str], covariances: dict[str, torch.Tensor]) -> None:
     """Refuse input covariances that miss a target or do not fit its input width (the model changed since)."""
-    dense = [n for n in names if not isinstance(modules[n], SVDLinear)]
+    dense = [n for n in names if not isinstance(modules[n], FactoredLayer)]
     missing = [n for n in dense if n not in covariances]
     if missing:
         raise ValueError(
@@ -166,7 +170,7 @@ def check_input_scales(
 ) -> None:
     """Refuse data-aware scales that do not fit the config or the dense layers they are for."""
     check_data_aware(modules, names, config, "input_scales")
-    dense = [n for n in names if not isinstance(modules[n], SVDLinear)]
+    dense = [n for n in names if not isinstance(modules[n], FactoredLayer)]
     missing = [n for n in dense if n not in input_scales]
     if missing:
         raise ValueError(
@@ -207,7 +211,7 @@ def _factor_streamed(
 
 
 def _is_dense(model: nn.Module, name: str) -> bool:
-    return not isinstance(model.get_submodule(name), (SVDLinear, *CUR_TYPES))
+    return not isinstance(model.get_submodule(name), FactoredLayer)
 
 
 def _factor_one(
@@ -220,32 +224,76 @@ def _factor_one(
     """Swap one layer for its SVD; the dense layer is unreferenced (and freed) when this returns."""
     if _is_dense(model, name):
         dense = model.get_submodule(name)
-        _replace(model, name, factored_layer(dense, config, input_scale, covariance))
+        # Swapped at once: the dense layer is freed before the next one's SVD.
+        model.set_submodule(name, factored_layer(dense, config, input_scale, covariance))
 
 
-def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
-    """The factored layers of `model`, by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, SVDLinear)}
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    # Dropping the dense layer right away keeps at most one layer's worth of extra memory alive.
-    setattr(parent, child, new)
-
-
-def _record_on_config(model: nn.Module, config: SVDConfig) -> None:
-    """Store the config and full ranks on `model.config`, so checkpoints can be rebuilt factored."""
+def record_on_config(model: nn.Module, config: SVDConfig) -> None:
+    """Store the config and each factored layer's `checkpoint_record` on `model.config` (`load_factored_checkpoint`
+    rebuilds the model from them); `ranks` (stored ranks), `whitened` and `convs` keep the earlier layout."""
     hf_config = getattr(model, "config", None)
     if hf_config is None:
         return
-    ranks = {n: m.full_rank for n, m in svd_layers(model).items()}
-    stored = {"config": config.to_dict(), "ranks": ranks}
-    whitened = sorted(n for n, m in svd_layers(model).items() if getattr(m, "whitened", False))
-    if whitened:  # their orthogonality term covers U alone; load_factored_checkpoint restores the flag
+    layers = factored_modules(model)
+    records = {name: layer.checkpoint_record() for name, layer in layers.items()}
+    stored = {"config": config.to_dict(), "ranks": {n: layer.full_rank for n, layer in layers.items()}}
+    whitened = sorted(n for n, record in records.items() if record.get("whitened"))
+    if whitened:  # their orthogonality term covers U alone
         stored["whitened"] = whitened
-    convs = {n: m.geometry() for n, m in svd_layers(model).items() if isinstance(m, SVDConv2d)}
-    if convs:  # geometry of factored convs, for load_factored_checkpoint
+    convs = {n: record["geometry"] for n, record in records.items() if "geometry" in record}
+    if convs:
         stored["convs"] = convs
+    stored["layers"] = records
     setattr(hf_config, CONFIG_KEY, stored)
+
+
+def stored_svd_config(model: nn.Module) -> SVDConfig:
+    """The model's `SVDConfig`: attached, in the config (factored or exported), else one targeting its layers."""
+    if getattr(model, "svd_config", None) is not None:
+        return model.svd_config
+    config = getattr(model, "config", None)
+    stored = (getattr(config, CONFIG_KEY, None) or {}).get("config") or (
+        getattr(config, METADATA_KEY, None) or {}
+    ).get("svd_config")
+    return SVDConfig.from_dict(stored) if stored else SVDConfig(sorted(factored_modules(model)))
+
+
+def attach_svd_config(model: nn.Module, config: SVDConfig) -> None:
+    """`model.svd_config = config`, also recorded on `model.config` (`record_on_config`)."""
+    model.svd_config = config
+    record_on_config(model, config)
+
+
+@torch.no_grad()
+def to_householder_(
+    model: nn.Module, parameterization: str = "householder", tt_max_rank: int | None = None
+) -> nn.Module:
+    """Swap every plain `SVDLinear` of `model` for a `HouseholderSVDLinear` computing the same function, in place.
+
+    For a model from `load_compressed(..., trainable=True)` (whose layers are plain `SVDLinear`s, as the export
+    stores plain low-rank factors) or one trained with the regularized SVD. Only the live singular values are kept;
+    U and V are re-orthonormalized first (`HouseholderSVDLinear.from_svd_layer`), so the conversion is exact even
+    where they had drifted. `model.svd_config` (and the `svd_training` entry of `model.config`) record the new
+    parameterization.
+
+    Args:
+        model (`nn.Module`): A model with `SVDLinear` layers (`SVDConv2d` and Householder layers are left alone).
+        parameterization (`str`, defaults to `"householder"`): `"householder"` (SVDP) or `"sttp"`.
+        tt_max_rank (`int`, *optional*): STTP only: cap on the TT-ranks (then no longer exact).
+
+    Returns:
+        The same `model`.
+    """
+    if parameterization not in HOUSEHOLDER_PARAMETERIZATIONS:
+        raise ValueError(
+            f"to_householder_(parameterization={parameterization!r}): use one of {HOUSEHOLDER_PARAMETERIZATIONS}."
+        )
+    layers = plain_svd_layers(model)
+    if not layers:
+        raise ValueError("to_householder_ found no plain SVDLinear layer: load or factor the model first.")
+    # Validates parameterization and tt_max_rank before any layer is swapped.
+    config = dataclasses.replace(stored_svd_config(model), parameterization=parameterization, tt_max_rank=tt_max_rank)
+    for name, layer in layers.items():
+        model.set_submodule(name, HouseholderSVDLinear.from_svd_layer(layer, parameterization, tt_max_rank))
+    attach_svd_config(model, config)
+    return model

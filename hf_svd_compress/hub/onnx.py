@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,9 @@ import torch
 import transformers
 from torch import nn
 
-from .export import METADATA_KEY, load_compressed
+from hf_svd_compress.config import METADATA_KEY
+from hf_svd_compress.hub.load import load_compressed
+from hf_svd_compress.hub.staging import staging
 
 logger = logging.getLogger(__name__)
 
@@ -96,19 +97,16 @@ def export_onnx(
     target = Path(output_dir) if output_dir is not None else source / "onnx"
     if (target / ONNX_NAME).exists() and not overwrite:
         raise FileExistsError(f"{target / ONNX_NAME} exists: pass overwrite=True (--overwrite) or another output_dir.")
+    if any(target.glob("*.safetensors")):  # staging swaps a folder holding a model: never the weights' own
+        raise FileExistsError(f"{target} holds model weights: write the ONNX graph to another output_dir.")
     model = load_model(source)
     input_names = _input_names(model)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp.mkdir(parents=True)
-    try:
+    with staging(target) as tmp:
         output_name = _export(model, input_names, tmp / ONNX_NAME, opset, optimize)
         diff = max_abs_diff(model, tmp / ONNX_NAME, input_names)
         if not diff <= atol:
             raise ValueError(f"The ONNX graph differs from PyTorch by {diff:.3g} (> atol={atol:g}); nothing written.")
         _copy_assets(source, tmp)
-        _move_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Wrote %s (max abs diff to PyTorch %.3g).", target / ONNX_NAME, diff)
     return OnnxExport(target / ONNX_NAME, input_names, output_name, diff)
 
@@ -203,10 +201,3 @@ def _copy_assets(source: Path, target: Path) -> None:
         for file in source.glob(pattern):
             if file.is_file() and file.name not in _SKIPPED:
                 shutil.copyfile(file, target / file.name)
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Move the finished files into `target` (created if needed), the graph last, so no half export is visible."""
-    target.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == ONNX_NAME):
-        os.replace(entry, target / entry.name)

@@ -23,12 +23,13 @@ from typing import Any
 
 from torch import nn
 
-from .calibration import CalibrationData, activation_scales
-from .config import SVDConfig
-from .factorize import svd_factorize_
-from .pruning import prune_, truncate_
-from .trainer import SVDTrainer, SVDTrainingArguments
-from .validation import OPEN_FRACTION, choice, number
+from hf_svd_compress.config import SVDConfig
+from hf_svd_compress.core.calibration import CalibrationData, activation_scales
+from hf_svd_compress.core.factorize import svd_factorize_
+from hf_svd_compress.core.pruning import prune_, truncate_
+from hf_svd_compress.training.arguments import SVDTrainingArguments
+from hf_svd_compress.training.trainer import SVDTrainer
+from hf_svd_compress.validation import OPEN_FRACTION, choice, number
 
 INITS = ("whitened", "asvd", "svd")
 # When the budget is reached: "gradual" prunes while training (SVD training, from 20% to 60% of the steps by

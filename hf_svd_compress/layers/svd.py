@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .regularizers import orthogonality_loss, sparsity_loss
-from .templates.modeling_svd_compressed import FactoredWeight
+from hf_svd_compress.hub.templates.modeling_svd_compressed import FactoredWeight, LowRankLinear
+from hf_svd_compress.layers.base import FactoredLayer, RegularizerSettings, dense_module, dense_type_of
+from hf_svd_compress.layers.linalg import (
+    FACTORABLE_TYPES,
+    compose_first,
+    dense_weight,
+    energy_rank,
+    scaled_svd,
+    thin_svd,
+    whitened_svd,
+    whole,
+    work_dtype,
+)
+from hf_svd_compress.layers.registry import Parameterization, register_parameterization
+from hf_svd_compress.layers.regularizers import orthogonality_loss, sparsity_loss
 
-# Layer types that `svd_factorize_` can factor: `nn.Linear` and transformers' `Conv1D` (GPT-2 style, weight [in, out]).
-FACTORABLE_TYPES = (nn.Linear, Conv1D)
 
-
-class SVDLinear(nn.Module):
+class SVDLinear(FactoredLayer):
     """A linear layer parameterized by its SVD, `y = x V diag(s * mask) U^T + bias`.
 
     Args:
@@ -29,10 +39,13 @@ class SVDLinear(nn.Module):
     singular values. Masked values contribute nothing and get no gradient, so pruning never changes shapes (safe
     under DDP); `truncate_` removes them for good.
 
-    A data-aware layer (`from_linear(input_scale=a)`) also holds the fixed buffer `input_scale` (n): its weight is
-    `U diag(s) V^T diag(a)^-1`, so `s` is the spectrum of `W diag(a)` and `U`, `V` stay orthonormal;
-    `live_factors` and `composed_weight` give the dense weight's factors (`diag(a)^-1 V`).
+    The `FactoredLayer` of `parameterization="svd"`. A data-aware layer (`from_linear(input_scale=a)`) also holds
+    the fixed buffer `input_scale` (n): its weight is `U diag(s) V^T diag(a)^-1`, so `s` is the spectrum of
+    `W diag(a)` and `U`, `V` stay orthonormal; `live_factors` and `composed_weight` give the dense weight's factors
+    (`diag(a)^-1 V`).
     """
+
+    parameterization = "svd"
 
     def __init__(
         self,
@@ -118,11 +131,11 @@ class SVDLinear(nn.Module):
             if input_scale is not None and covariance is not None:
                 raise ValueError("Give input_scale (ASVD) or covariance (whitened), not both.")
         if input_scale is not None:
-            U, s, V, input_scale = _scaled_svd(weight, input_scale)
+            U, s, V, input_scale = scaled_svd(weight, input_scale)
         elif covariance is not None:
-            U, s, V = _whitened_svd(weight, covariance, ridge)
+            U, s, V = whitened_svd(weight, covariance, ridge)
         else:
-            U, s, V = _svd(weight, keep if energy is None else full)
+            U, s, V = thin_svd(weight, keep if energy is None else full)
         if energy is not None:
             keep = min(keep, energy_rank(s, energy))
         layer = cls(n, m, keep, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
@@ -135,7 +148,39 @@ class SVDLinear(nn.Module):
         if input_scale is not None:
             layer.input_scale = input_scale.to(weight.dtype)
         layer.whitened = covariance is not None
+        layer.dense_type = dense_type_of(linear)
         return layer
+
+    @classmethod
+    @torch.no_grad()
+    def from_low_rank_factors(
+        cls, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, orthonormal: bool = False
+    ) -> SVDLinear:
+        """The layer computing `up @ down` (+ bias) at rank `r`, from `down` [r, in] and `up` [out, r].
+
+        Without `orthonormal`, the exported layout is inverted as saved (`U = up`, `s` = row norms of `down`); with
+        it, a QR of each factor and an r x r SVD give orthonormal `U`, `V` (needed after LoRA merged into them).
+        """
+        work = torch.float64 if down.dtype == torch.float64 else torch.float32
+        d, u = down.detach().to(work), up.detach().to(work)
+        if orthonormal:
+            q_u, r_u = torch.linalg.qr(u)
+            q_d, r_d = torch.linalg.qr(d.T)
+            small_u, s, small_vh = torch.linalg.svd(r_u @ r_d.T)
+            U, V = q_u @ small_u, q_d @ small_vh.T
+        else:
+            s = d.norm(dim=1)
+            U, V = u, (d / torch.where(s > 0, s, torch.ones_like(s))[:, None]).T
+        layer = cls(d.shape[1], u.shape[0], s.shape[0], bias is not None, device=down.device, dtype=down.dtype)
+        for param, value in ((layer.U, U), (layer.s, s), (layer.V, V), (layer.bias, bias)):
+            if param is not None:
+                param.copy_(value)
+        return layer
+
+    @classmethod
+    def from_low_rank(cls, module: nn.Module, orthonormal: bool = True) -> SVDLinear:
+        """From a `LowRankLinear` (ours, the remote code's, or one whose `down` / `up` peft's LoRA merged into)."""
+        return cls.from_low_rank_factors(module.down.weight, module.up.weight, module.up.bias, orthonormal)
 
     def weight_V(self) -> torch.Tensor:
         """`V` in the dense weight's input basis: `diag(input_scale)^-1 V` for a data-aware layer, else `V`."""
@@ -177,6 +222,94 @@ class SVDLinear(nn.Module):
         self.mask = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
         return self
 
+    # ---- FactoredLayer ----------------------------------------------------------------------------------------
+
+    def spectrum(self) -> torch.Tensor:
+        return whole(self.s).detach()[self.mask]
+
+    @torch.no_grad()
+    def keep_(self, rank: int) -> None:
+        """Keep the `rank` largest live singular values (by |s|), masking the others."""
+        live = torch.nonzero(self.mask).flatten()
+        order = torch.argsort(whole(self.s).detach()[live].abs(), descending=True)
+        new_mask = torch.zeros_like(self.mask)
+        new_mask[live[order[:rank]]] = True
+        self.mask.copy_(new_mask)
+
+    def svd_form(self) -> SVDLinear:
+        return self
+
+    def to_dense(self) -> nn.Module:
+        """The dense `nn.Linear` (or transformers `Conv1D`, if that is what was factored) of the live factors."""
+        with torch.no_grad():
+            return dense_module(self.composed_weight().detach(), self.bias, self.dense_type)
+
+    @torch.no_grad()
+    def export_tensors(self, name: str, dense: bool) -> dict[str, torch.Tensor]:
+        """`{name}.down.weight = (V diag(s))^T`, `{name}.up.weight = U` (+ `up.bias`), or the dense `{name}.weight`
+        (in `Conv1D` layout for a GPT-2 style layer); computed in float32+, stored in the parameters' dtype."""
+        U, s, V = (t.detach().to(work_dtype(t)) for t in self.live_factors())
+        if dense:
+            weight = ((U * s) @ V.T).to(self.s.dtype)
+            tensors = {f"{name}.weight": weight.T.contiguous() if self.dense_type is Conv1D else weight}
+            prefix = f"{name}."
+        else:
+            down, up = (V * s).T.contiguous().to(self.s.dtype), U.contiguous().to(self.s.dtype)
+            tensors, prefix = {f"{name}.down.weight": down, f"{name}.up.weight": up}, f"{name}.up."
+        if self.bias is not None:
+            tensors[prefix + "bias"] = self.bias.detach().clone()
+        return tensors
+
+    @torch.no_grad()
+    def to_low_rank(self) -> LowRankLinear:
+        """The exported form `up(down(x))` of the live factors as a `LowRankLinear` (LoRA can target `down`, `up`)."""
+        U, s, V = (t.detach().to(work_dtype(t)) for t in self.live_factors())
+        low_rank = LowRankLinear(self.in_features, self.out_features, s.shape[0], self.bias is not None)
+        low_rank.to(device=self.s.device, dtype=self.s.dtype)
+        low_rank.down.weight.copy_((V * s).T)
+        low_rank.up.weight.copy_(U)
+        if self.bias is not None:
+            low_rank.up.bias.copy_(self.bias)
+        return low_rank
+
+    def configure_regularizers(self, settings: RegularizerSettings) -> bool:
+        self.regularizer_terms.clear()
+        self.orth_enabled, self.orth_probes, self.sparsity_kind = (
+            settings.orth,
+            settings.orth_probes,
+            settings.sparsity,
+        )
+        return bool(self.orth_enabled or self.sparsity_kind)
+
+    def pop_terms(self) -> dict[str, torch.Tensor]:
+        """`orth_loss` (0 where off) and, with a sparsity kind, `sparsity_loss`, summed over the recordings."""
+        terms, self.regularizer_terms = self.regularizer_terms, []
+        if not terms:
+            return {}
+        summed = {"orth_loss": torch.stack([o for o, _ in terms]).sum()}
+        if self.sparsity_kind:
+            summed["sparsity_loss"] = torch.stack([s for _, s in terms]).sum()
+        return summed
+
+    def spectral_parameters(self) -> list[nn.Parameter]:
+        return [self.s]
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        return {**super().checkpoint_record(), "whitened": bool(getattr(self, "whitened", False))}
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], prefix: str, dense: nn.Module, record: dict[str, Any]
+    ) -> SVDLinear:
+        out_features, in_features = dense_weight(dense).shape
+        dtype = state[f"{prefix}s"].dtype
+        layer = cls(in_features, out_features, state[f"{prefix}s"].shape[0], f"{prefix}bias" in state, dtype=dtype)
+        if f"{prefix}input_scale" in state:  # a data-aware layer: its buffer is filled by the load
+            layer.input_scale = torch.empty(in_features, dtype=dtype)
+        layer.whitened = bool(record.get("whitened", False))
+        layer.dense_type = dense_type_of(dense)
+        return layer
+
     def use_composed(self, num_tokens: int) -> bool:
         """Whether composing W first is cheaper than two thin matmuls for `num_tokens` input rows (`compose_first`)."""
         return compose_first(self.out_features, self.in_features, self.full_rank, num_tokens)
@@ -211,99 +344,23 @@ class SVDLinear(nn.Module):
         return self.s * self.mask.to(self.s.dtype)
 
 
-def compose_first(out_features: int, in_features: int, rank: int, num_tokens: int) -> bool:
-    """Whether `W = up @ down` (rank `rank`) is cheaper to compose once than to apply as two thin matmuls.
-
-    Composed: `m n r` (build W) + `T m n`; factored: `T r (m + n)`. The backward pass has the same ratio.
-    """
-    m, n = out_features, in_features
-    return m * n * rank + num_tokens * m * n <= num_tokens * rank * (m + n)
+def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
+    """The SVD-family layers of `model` (`SVDLinear`, `SVDConv2d`, Householder), by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SVDLinear)}
 
 
-def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The (out x in) weight of an `nn.Linear` or a transformers `Conv1D` (which stores it as in x out)."""
-    if isinstance(layer, Conv1D):
-        return layer.weight.T
-    if isinstance(layer, nn.Linear):
-        return layer.weight
-    raise TypeError(f"Expected nn.Linear or transformers Conv1D, got {type(layer).__name__}.")
+def plain_svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
+    """The layers of `model` that are exactly `SVDLinear` (no subclass), by module name."""
+    return {n: m for n, m in model.named_modules() if type(m) is SVDLinear}
 
 
-def energy_rank(s: torch.Tensor, energy: float) -> int:
-    """Fewest singular values (largest |s| first) whose squared sum reaches `energy` of the total; at least 1."""
-    # float64 on the CPU (r values only): float32 cumulative sums lose values below ~1e-7 of the total energy.
-    e = s.detach().cpu().double().square().sort(descending=True).values
-    # A threshold hit exactly (0.5 of [1, 1, 1, 1], 0.64 of [4, 3]) must not be missed by the rounding of s itself:
-    # a float32 SVD returns 3.9999998 for 4 on some LAPACK builds, 3e-8 of energy short of 0.64.
-    tolerance = 1e-12 if s.dtype == torch.float64 else 1e-6
-    nonzero = int((e > 0).sum())
-    if nonzero == 0:
-        return 1
-    if energy >= 1:
-        return nonzero  # all the energy: every non-zero value, however small, and never an exact zero
-    cum = e.cumsum(0) / e.sum()
-    k = int(torch.searchsorted(cum, torch.tensor(energy - tolerance, dtype=cum.dtype)).item()) + 1
-    return max(1, min(k, nonzero))
-
-
-def _scaled_svd(
-    weight: torch.Tensor, scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(U, s, V, a)` with `W diag(a) = U diag(s) V^T`, the SVD in float64 (the layer divides by `a` later).
-
-    A channel that was never active (scale 0) gets the smallest useful scale instead of a division by zero.
-    """
-    w = weight.detach().double()
-    a = scale.detach().to(w.device, torch.float64)
-    a = a.clamp_min(float(a.max()) * 1e-6)
-    U, s, Vh = torch.linalg.svd(w * a, full_matrices=False)
-    return U, s, Vh.T, a
-
-
-def whitening(covariance: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(Q, L)` with `C + ridge * mean(diag C) I = Q diag(L) Q^T`, in float64; every `L` is positive.
-
-    An all-zero `C` (a layer whose inputs were all zero) gives the identity, so factoring falls back to the plain
-    SVD; negative rounding noise in the eigenvalues is clamped to the ridge.
-    """
-    c = covariance.detach().to(torch.float64)
-    if not bool(torch.isfinite(c).all()):
-        raise ValueError("The input covariance has NaN or inf entries: the calibration inputs overflowed.")
-    c = (c + c.T) / 2
-    floor = float(c.diagonal().mean()) * ridge
-    if not floor > 0:
-        return torch.eye(c.shape[0], dtype=torch.float64, device=c.device), torch.ones(c.shape[0], dtype=c.dtype)
-    L, Q = torch.linalg.eigh(c + floor * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
-    return Q, L.clamp_min(floor)
-
-
-def _whitened_svd(
-    weight: torch.Tensor, covariance: torch.Tensor, ridge: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(U, s, V)` with `W = U diag(s) V^T`, `U diag(s) V_w^T` the SVD of `W Q diag(L)^(1/2)`, `V = Q L^(-1/2) V_w`."""
-    w = weight.detach().double()
-    n = w.shape[1]
-    if covariance.shape != (n, n):
-        raise ValueError(f"covariance has shape {tuple(covariance.shape)}; this layer needs ({n}, {n}).")
-    Q, L = whitening(covariance.to(w.device), ridge)
-    root = L.sqrt()
-    U, s, Vh = torch.linalg.svd(w @ (Q * root), full_matrices=False)
-    return U, s, (Q / root) @ Vh.T
-
-
-def _svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD `W = U diag(s) V^T` of the top `rank` triplets, in float32 or higher, tall orientation."""
-    w = weight.detach()
-    w = w if w.dtype == torch.float64 else w.float()
-    transpose = w.shape[0] < w.shape[1]
-    if transpose:  # LAPACK's QR-first path is faster on tall matrices.
-        w = w.T
-    full = min(w.shape)
-    if rank <= full // 4:
-        # Randomized SVD is much cheaper when only a few triplets are kept.
-        U, s, V = torch.svd_lowrank(w, q=min(full, rank + max(10, math.ceil(0.1 * rank))), niter=4)
-    else:
-        U, s, Vh = torch.linalg.svd(w, full_matrices=False)
-        V = Vh.T
-    U, s, V = U[:, :rank], s[:rank], V[:, :rank]
-    return (V, s, U) if transpose else (U, s, V)
+register_parameterization(
+    Parameterization(
+        "svd",
+        FACTORABLE_TYPES,
+        build=lambda linear, config, scale, covariance: SVDLinear.from_linear(
+            linear, config.init_energy, config.init_max_rank, scale, covariance, config.whitening_ridge
+        ),
+        data_aware=True,
+    )
+)

@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from transformers import default_data_collator
 
-from .config import SVDConfig
-from .layers import FACTORABLE_TYPES, dense_weight
-from .matching import find_targets
+from hf_svd_compress.config import SVDConfig
+from hf_svd_compress.core.matching import find_targets
+from hf_svd_compress.layers.linalg import FACTORABLE_TYPES, dense_weight
 
 
 @dataclass

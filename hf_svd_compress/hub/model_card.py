@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_svd_compress.hub.format import auto_classes, transformers_class
+
 # The measured reference (benchmarks/inference.py, docs/benchmarks.md), stated in every card of a factored model.
 ONNX_SPEEDUP = (
     "For reference, on the all-MiniLM-L6-v2 shape at 50% of the parameters (sequence 128, one CPU thread), the "
@@ -131,9 +133,7 @@ def _dense_params(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> int
 
 
 def _auto_class(model_type: str, architecture: str) -> str | None:
-    from .export import _auto_classes, _transformers_class
-
-    names = [n for n in _auto_classes(model_type, _transformers_class(architecture)) if n != "AutoModel"]
+    names = [n for n in auto_classes(model_type, transformers_class(architecture)) if n != "AutoModel"]
     return next((n for n in names if n in _PIPELINE_TAGS), names[0] if names else None)
 
 

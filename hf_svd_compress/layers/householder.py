@@ -28,15 +28,18 @@ correction, so the layer computes exactly the dense function right after factori
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import SVDLinear, _svd, dense_weight, energy_rank
-from .regularizers import sparsity_loss
+from hf_svd_compress.layers.base import dense_type_of
+from hf_svd_compress.layers.linalg import FACTORABLE_TYPES, dense_weight, energy_rank, thin_svd
+from hf_svd_compress.layers.registry import Parameterization, register_parameterization
+from hf_svd_compress.layers.regularizers import sparsity_loss
+from hf_svd_compress.layers.svd import SVDLinear
 
 __all__ = [
     "HOUSEHOLDER_PARAMETERIZATIONS",
@@ -45,7 +48,6 @@ __all__ = [
     "TTHouseholderFactor",
     "householder_columns",
     "prime_factors",
-    "to_householder_",
     "tt_ranks",
 ]
 
@@ -279,6 +281,8 @@ class HouseholderSVDLinear(SVDLinear):
     sparsity regularizer, `singular_value_lr_scale` and export work unchanged. The orthogonality term is always 0.
     """
 
+    parameterization = "householder"  # the class default; instances hold theirs ("householder" or "sttp")
+
     def __init__(
         self,
         in_features: int,
@@ -356,12 +360,14 @@ class HouseholderSVDLinear(SVDLinear):
         m, n = weight.shape
         full = min(m, n)
         keep = min(max_rank or full, full)
-        U, s, V = _svd(weight, keep if energy is None else full)
+        U, s, V = thin_svd(weight, keep if energy is None else full)
         if energy is not None:
             keep = min(keep, energy_rank(s, energy))
-        return cls.from_factors(
+        layer = cls.from_factors(
             U[:, :keep], s[:keep], V[:, :keep], linear.bias, parameterization, tt_max_rank, dtype=weight.dtype
         )
+        layer.dense_type = dense_type_of(linear)
+        return layer
 
     @classmethod
     @torch.no_grad()
@@ -442,7 +448,40 @@ class HouseholderSVDLinear(SVDLinear):
         sparsity = sparsity_loss(self.s, self.sparsity_kind, self.mask) if self.sparsity_kind else zero
         self.regularizer_terms.append((zero, sparsity))
 
+    @classmethod
+    @torch.no_grad()
+    def from_svd_layer(
+        cls, layer: SVDLinear, parameterization: str = "householder", tt_max_rank: int | None = None
+    ) -> HouseholderSVDLinear:
+        """The layer computing what `layer` (an `SVDLinear`) computes with its live singular values.
+
+        `U` and `V` are re-orthonormalized first (QR of each, then an r x r SVD), so the conversion is exact even
+        where they had drifted; with `tt_max_rank` (STTP) they are approximated.
+        """
+        U, s, V = (t.detach().double() for t in layer.live_factors())
+        q_u, r_u = torch.linalg.qr(U)
+        q_v, r_v = torch.linalg.qr(V)
+        left, s, right_h = torch.linalg.svd((r_u * s) @ r_v.T)
+        new = cls.from_factors(
+            q_u @ left, s, q_v @ right_h.T, layer.bias, parameterization, tt_max_rank, dtype=layer.s.dtype
+        )
+        new.dense_type = layer.dense_type
+        return new.to(layer.s.device)
+
     # ---- checkpoints ----------------------------------------------------------------------------------------------
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        return {**super().checkpoint_record(), "tt_max_rank": self.tt_max_rank}
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], prefix: str, dense: nn.Module, record: dict[str, Any]
+    ) -> HouseholderSVDLinear:
+        out_features, in_features = dense_weight(dense).shape
+        bias, dtype = f"{prefix}bias" in state, state[f"{prefix}s"].dtype
+        layer = cls.from_state_shapes(state, prefix, in_features, out_features, bias, record.get("tt_max_rank"), dtype)
+        layer.dense_type = dense_type_of(dense)
+        return layer
 
     @classmethod
     def from_state_shapes(
@@ -466,51 +505,6 @@ class HouseholderSVDLinear(SVDLinear):
         u_ranks = _stored_tt_ranks(state, f"{prefix}u_factor.")
         v_ranks = _stored_tt_ranks(state, f"{prefix}v_factor.")
         return cls(in_features, out_features, rank, bias, "sttp", tt_max_rank, u_ranks, v_ranks, dtype=dtype)
-
-
-@torch.no_grad()
-def to_householder_(
-    model: nn.Module, parameterization: str = "householder", tt_max_rank: int | None = None
-) -> nn.Module:
-    """Swap every plain `SVDLinear` of `model` for a `HouseholderSVDLinear` computing the same function, in place.
-
-    For a model from `load_compressed` (whose layers are plain `SVDLinear`s, as the export stores plain low-rank
-    factors) or one trained with the regularized SVD. Only the live singular values are kept; U and V are
-    re-orthonormalized first (QR of each, then an r x r SVD), so the conversion is exact even where they had drifted.
-    `model.svd_config` (and the `svd_training` entry of `model.config`) record the new parameterization.
-
-    Args:
-        model (`nn.Module`): A model with `SVDLinear` layers (`SVDConv2d` and Householder layers are left alone).
-        parameterization (`str`, defaults to `"householder"`): `"householder"` (SVDP) or `"sttp"`.
-        tt_max_rank (`int`, *optional*): STTP only: cap on the TT-ranks (then no longer exact).
-
-    Returns:
-        The same `model`.
-    """
-    from .export import _attach_svd_config, _stored_svd_config  # import cycle: export imports this module
-    from .factorize import _replace, svd_layers
-
-    if parameterization not in HOUSEHOLDER_PARAMETERIZATIONS:
-        raise ValueError(
-            f"to_householder_(parameterization={parameterization!r}): use one of {HOUSEHOLDER_PARAMETERIZATIONS}."
-        )
-    layers = {name: layer for name, layer in svd_layers(model).items() if type(layer) is SVDLinear}
-    if not layers:
-        raise ValueError("to_householder_ found no plain SVDLinear layer: load or factor the model first.")
-    config = _stored_svd_config(model)
-    # Validates parameterization and tt_max_rank before any layer is swapped.
-    config = dataclasses.replace(config, parameterization=parameterization, tt_max_rank=tt_max_rank)
-    for name, layer in layers.items():
-        U, s, V = (t.detach().double() for t in layer.live_factors())
-        q_u, r_u = torch.linalg.qr(U)
-        q_v, r_v = torch.linalg.qr(V)
-        left, s, right_h = torch.linalg.svd((r_u * s) @ r_v.T)
-        new = HouseholderSVDLinear.from_factors(
-            q_u @ left, s, q_v @ right_h.T, layer.bias, parameterization, tt_max_rank, dtype=layer.s.dtype
-        )
-        _replace(model, name, new.to(layer.s.device))
-    _attach_svd_config(model, config)
-    return model
 
 
 def _check_arguments(in_features: int, out_features: int, rank: int, parameterization: str, cap: int | None) -> None:
@@ -545,3 +539,20 @@ def _stored_tt_ranks(state: dict[str, torch.Tensor], prefix: str) -> list[int]:
     if count == 0:
         raise KeyError(f"No Householder factor under {prefix!r} (neither reflectors nor TT cores) in the state.")
     return [1] + [state[f"{prefix}cores.{k}.reflectors"].shape[1] for k in range(count)]
+
+
+for _name in HOUSEHOLDER_PARAMETERIZATIONS:
+    register_parameterization(
+        Parameterization(
+            _name,
+            FACTORABLE_TYPES,
+            build=lambda linear, config, scale, covariance: HouseholderSVDLinear.from_linear(
+                linear,
+                config.init_energy,
+                config.init_max_rank,
+                parameterization=config.parameterization,
+                tt_max_rank=config.tt_max_rank,
+            ),
+            fields=("tt_max_rank",) if _name == "sttp" else (),
+        )
+    )

@@ -1,0 +1,1 @@
+"""Training with factored layers: `SVDTrainingArguments`, `SVDTrainer`, its callbacks, distillation, `compress`."""
