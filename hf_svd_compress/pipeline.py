@@ -301,26 +301,51 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
     """Run every stage and export; returns (and writes next to the export) a summary of what happened."""
     config = preflight(setup, pipeline_args, args)
     export_dir = export_path(pipeline_args, args)
-    model, summary = setup.model, {"accuracy": {}, "base_model": setup.base_model, "task": setup.task}
+    summary = {"accuracy": {}, "base_model": setup.base_model, "task": setup.task}
+    eval_args = _stage_args(args, args.max_steps, "eval")  # no pruning fields: evaluation only
     start = time.perf_counter()
+    _dense_stage(setup, pipeline_args, args, eval_args, summary)
+    _svd_stage(setup, pipeline_args, args, config, eval_args, summary)
+    _finetune_stage(setup, pipeline_args, args, eval_args, summary)
+    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+    stage(f"4/4 exporting to {export_dir}", args)
+    if args.process_index == 0:
+        how = {"method": "budget", "budget": config.prune_budget, "allocation": config.prune_allocation}
+        if config.prune_rank_multiple > 1:
+            how["rank_multiple"] = config.prune_rank_multiple
+        save_compressed(
+            setup.model,
+            export_dir,
+            processing_class=setup.processing_class,
+            rank_selection=how,
+            training_settings=_training_settings(pipeline_args, args),
+            overwrite=pipeline_args.overwrite_export,
+        )
+        (export_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        _print_result(summary, export_dir)
+    return summary
 
+
+def _dense_stage(setup: TaskSetup, pipeline_args: PipelineArguments, args, eval_args, summary: dict) -> None:
+    """Stage 1: fine-tune the dense model (if asked), then record its accuracy and size."""
     if pipeline_args.dense_steps:
         stage(f"1/4 dense fine-tuning for {pipeline_args.dense_steps} steps", args)
         _train(Trainer, setup, _stage_args(args, pipeline_args.dense_steps, "dense"))
-    eval_args = _stage_args(args, args.max_steps, "eval")  # no pruning fields: evaluation only
     summary["accuracy"]["dense"] = _evaluate(Trainer, setup, eval_args)
-    summary["parameters_dense"] = sum(p.numel() for p in model.parameters())
+    summary["parameters_dense"] = sum(p.numel() for p in setup.model.parameters())
 
-    how = {"method": "budget", "budget": config.prune_budget, "allocation": config.prune_allocation}
-    if config.prune_rank_multiple > 1:
-        how["rank_multiple"] = config.prune_rank_multiple
+
+def _svd_stage(
+    setup: TaskSetup, pipeline_args: PipelineArguments, args, config: SVDConfig, eval_args, summary: dict
+) -> None:
+    """Stage 2: factor, SVD-train while pruning to the budget (`compress`), save the factored model, truncate."""
     steps, budget = pipeline_args.svd_steps, config.prune_budget
     cut = "cut to" if pipeline_args.schedule == "at_start" else "pruning gradually to"
     stage(f"2/4 SVD training from {pipeline_args.init} factors, {cut} {budget:g}, for {steps} steps", args)
     spectra = _Spectra()
     pruning = {"prune_at_step": args.prune_at_step, "prune_start_step": args.prune_start_step}
     compress(
-        model,
+        setup.model,
         setup.train_dataset,
         _stage_args(args, steps, "svd", distill_alpha=args.distill_alpha, **pruning),
         config=config,
@@ -334,12 +359,15 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
         compute_metrics=setup.compute_metrics,
         callbacks=[spectra],
     )
-    summary["spectra_initial"], summary["spectra_trained"] = spectra.initial, _spectra(model)
+    summary["spectra_initial"], summary["spectra_trained"] = spectra.initial, _spectra(setup.model)
     _save_factored(setup, Path(args.output_dir) / "factored", args)
     summary["accuracy"]["factored"] = _evaluate(SVDTrainer, setup, eval_args)
-    summary["ranks"] = truncate_(model)
+    summary["ranks"] = truncate_(setup.model)
     summary["accuracy"]["pruned"] = summary["accuracy"]["factored"]  # the masks were the cut: the same function
 
+
+def _finetune_stage(setup: TaskSetup, pipeline_args: PipelineArguments, args, eval_args, summary: dict) -> None:
+    """Stage 3: fine-tune the truncated model without the sparsity term, at `finetune_lr_scale` of the rate."""
     stage(f"3/4 fine-tuning for {pipeline_args.finetune_steps} more steps", args)
     summary["accuracy"]["compressed"] = summary["accuracy"]["pruned"]
     if pipeline_args.finetune_steps:
@@ -353,21 +381,6 @@ def run_compression(setup: TaskSetup, pipeline_args: PipelineArguments, args: SV
         )
         _train(SVDTrainer, setup, ft_args)
         summary["accuracy"]["compressed"] = _evaluate(SVDTrainer, setup, eval_args)
-    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
-
-    stage(f"4/4 exporting to {export_dir}", args)
-    if args.process_index == 0:
-        save_compressed(
-            model,
-            export_dir,
-            processing_class=setup.processing_class,
-            rank_selection=how,
-            training_settings=_training_settings(pipeline_args, args),
-            overwrite=pipeline_args.overwrite_export,
-        )
-        (export_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        _print_result(summary, export_dir)
-    return summary
 
 
 class _Spectra(TrainerCallback):

@@ -102,22 +102,17 @@ def _build_report(model_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     meta = _read_metadata(model_dir)
     weights = _read_weights_header(model_dir)
     layers = _layer_rows(meta)
-
     layers_kept = sum(row["parameters_kept"] for row in layers)
     layers_dense = sum(row["parameters_dense"] for row in layers)
     # Biases and every other tensor are the same in both models, so the dense count differs only by the layers.
-    computed_dense = weights["parameters"] - layers_kept + layers_dense
     recorded = summary.get("parameters_dense")
-    dense_total = int(recorded) if recorded is not None else computed_dense
-    bytes_per_param = _DTYPE_BYTES.get(weights["dtype"], 4)
+    dense_total = int(recorded) if recorded is not None else weights["parameters"] - layers_kept + layers_dense
     return {
         "model": {
             "folder": str(model_dir),
             "base_model": summary.get("base_model"),
             "task": summary.get("task"),
-            "base_architecture": meta.get("base_architecture"),
-            "base_model_type": meta.get("base_model_type"),
-            "format_version": meta.get("format_version"),
+            **{key: meta.get(key) for key in ("base_architecture", "base_model_type", "format_version")},
         },
         "rank_selection": meta.get("rank_selection"),
         "parameters": {
@@ -126,14 +121,7 @@ def _build_report(model_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
             "dense_source": SUMMARY_FILE if recorded is not None else "computed from the ranks",
             "fraction": _ratio(weights["parameters"], dense_total),
         },
-        "target_layers": {
-            "count": len(layers),
-            "stored_factored": sum(row["stored_as"] == "factored" for row in layers),
-            "stored_dense": sum(row["stored_as"] == "dense" for row in layers),
-            "parameters_dense": layers_dense,
-            "parameters_kept": layers_kept,
-            "fraction": _ratio(layers_kept, layers_dense),
-        },
+        "target_layers": _target_layers(layers, layers_kept, layers_dense),
         # A linear layer does one multiply-accumulate per weight per token, so these equal the weight counts.
         "macs_per_token": {
             "dense": layers_dense,
@@ -141,18 +129,34 @@ def _build_report(model_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
             "fraction": _ratio(layers_kept, layers_dense),
             "reduction": _ratio(layers_dense, layers_kept),
         },
-        "size": {
-            "files": weights["files"],
-            "bytes": weights["bytes"],
-            "mb": weights["bytes"] / 1e6,
-            "dtype": weights["dtype"],
-            "bytes_per_param": bytes_per_param,
-            "estimated_dense_bytes": dense_total * bytes_per_param,
-            "estimated_dense_mb": dense_total * bytes_per_param / 1e6,
-        },
+        "size": _size(weights, dense_total),
         "accuracy": _accuracy(summary.get("accuracy")),
         "wall_time_s": summary.get("wall_time_s"),
         "layers": layers,
+    }
+
+
+def _target_layers(layers: list[dict[str, Any]], kept: int, dense: int) -> dict[str, Any]:
+    return {
+        "count": len(layers),
+        "stored_factored": sum(row["stored_as"] == "factored" for row in layers),
+        "stored_dense": sum(row["stored_as"] == "dense" for row in layers),
+        "parameters_dense": dense,
+        "parameters_kept": kept,
+        "fraction": _ratio(kept, dense),
+    }
+
+
+def _size(weights: dict[str, Any], dense_total: int) -> dict[str, Any]:
+    bytes_per_param = _DTYPE_BYTES.get(weights["dtype"], 4)
+    return {
+        "files": weights["files"],
+        "bytes": weights["bytes"],
+        "mb": weights["bytes"] / 1e6,
+        "dtype": weights["dtype"],
+        "bytes_per_param": bytes_per_param,
+        "estimated_dense_bytes": dense_total * bytes_per_param,
+        "estimated_dense_mb": dense_total * bytes_per_param / 1e6,
     }
 
 
@@ -203,6 +207,9 @@ def _read_weights_header(model_dir: Path) -> dict[str, Any]:
 def _layer_rows(meta: dict[str, Any]) -> list[dict[str, Any]]:
     dense = set(meta.get("dense_modules") or [])
     full_ranks = meta.get("full_ranks") or {}
+    # The export's own rule: factors are stored while r (m + n) < speed_break_even m n (exports that predate the
+    # field stored every layer that saved parameters, a break-even of 1).
+    break_even = float(meta.get("speed_break_even") or 1.0)
     rows = []
     for name, rank in meta["ranks"].items():
         out_features, in_features = (int(d) for d in meta["shapes"][name])
@@ -216,6 +223,7 @@ def _layer_rows(meta: dict[str, Any]) -> list[dict[str, Any]]:
                 "full_rank": full,
                 "kept_rank": int(rank),
                 "kept_fraction": _ratio(int(rank), full),
+                "break_even_rank": break_even * out_features * in_features / (out_features + in_features),
                 "stored_as": stored,
                 "parameters_dense": out_features * in_features,
                 "parameters_kept": kept,
@@ -494,8 +502,8 @@ def plot_ranks(layers: list[dict[str, Any]], path: str | Path) -> Path:
     dense = [row["stored_as"] == "dense" for row in layers]
     ax.barh(y, full, height=0.8, color=_GREY)
     ax.barh(y, kept, height=0.55, color=[_ORANGE if d else _BLUE for d in dense])
-    # Above the break-even rank m*n/(m+n) the two factors hold more parameters than the dense matrix.
-    even = [row["shape"][0] * row["shape"][1] / (row["shape"][0] + row["shape"][1]) for row in layers]
+    # From the break-even rank on (speed_break_even m n / (m + n)) the export stores the layer dense.
+    even = [row["break_even_rank"] for row in layers]
     ax.scatter(even, y, marker="|", s=90, color="black", linewidths=1.2, zorder=3)
     for i, row in enumerate(layers):
         text = f"{row['kept_rank']}/{row['full_rank']} ({row['kept_fraction']:.0%})" if row["full_rank"] else ""
@@ -511,7 +519,7 @@ def plot_ranks(layers: list[dict[str, Any]], path: str | Path) -> Path:
     handles = [Patch(color=_GREY, label="full rank"), Patch(color=_BLUE, label="kept rank, stored as factors")]
     if any(dense):
         handles.append(Patch(color=_ORANGE, label="kept rank, stored dense (factors would not save)"))
-    handles.append(Line2D([], [], marker="|", linestyle="", color="black", markersize=9, label="break-even rank"))
+    handles.append(Line2D([], [], marker="|", linestyle="", color="black", markersize=9, label="dense from this rank"))
     ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, fontsize=8, frameon=False)
     # The title gets its own strip: tight_layout alone lets a tall figure's title run into the legend.
     height = figure.get_size_inches()[1]

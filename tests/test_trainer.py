@@ -28,6 +28,7 @@ from hf_svd_compress import (
     SVDTrainingArguments,
     current_ranks,
     svd_factorize_,
+    svd_layers,
 )
 from hf_svd_compress.layers.regularizers import regularizer_totals
 from hf_svd_compress.training.distillation import distillation_loss, hidden_state_loss
@@ -176,7 +177,7 @@ def test_loss_is_task_loss_plus_weighted_terms(tmp_path):
     model.train()
     loss = trainer.compute_loss(model, batch)
     task = model(**batch).loss
-    orth, l1 = regularizer_totals(trainer._svd_layers, "l1")
+    orth, l1 = regularizer_totals(list(svd_layers(trainer.model).values()), "l1")
     torch.testing.assert_close(loss, task + 3.0 * orth + 0.2 * l1, rtol=1e-5, atol=1e-6)
 
 
@@ -368,7 +369,7 @@ def test_gradual_pruning_follows_the_cubic_schedule_to_the_budget(tmp_path):
     fractions = [e["rank_fraction"] for e in trainer.state.log_history if "loss" in e]
     assert fractions[:2] == [1.0, 1.0] and fractions[2] > fractions[3] > fractions[4] > fractions[5]
     assert fractions[5:] == [fractions[5]] * 3  # nothing more after prune_at_step
-    layers = trainer._svd_layers
+    layers = list(svd_layers(trainer.model).values())
     kept = sum(layer.rank * (layer.in_features + layer.out_features) for layer in layers)
     assert kept <= 0.4 * sum(layer.in_features * layer.out_features for layer in layers)
     logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -424,7 +425,7 @@ def test_gradient_checkpointing_does_not_count_terms_twice(tmp_path):
         trainer.train()
         losses.append(trainer.state.log_history[0]["loss"])
         assert trainer.state.log_history[0]["sparsity_loss"] == pytest.approx(
-            regularizer_totals(trainer._svd_layers, "l1")[1].item(), rel=0.05
+            regularizer_totals(list(svd_layers(trainer.model).values()), "l1")[1].item(), rel=0.05
         )
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
@@ -435,15 +436,18 @@ def test_singular_value_lr_scale_gives_s_its_own_learning_rate(tmp_path):
         model=model, args=args(tmp_path, learning_rate=1e-3, singular_value_lr_scale=100.0), train_dataset=tiny_data()
     )
     optimizer = trainer.create_optimizer()
-    s_ids = {id(layer.s) for layer in trainer._svd_layers}
+    s_ids = {id(layer.s) for layer in list(svd_layers(trainer.model).values())}
     for group in optimizer.param_groups:
         ids = {id(p) for p in group["params"]}
         assert not ids or ids <= s_ids or not ids & s_ids, "a group mixes singular values and other parameters"
         assert group["lr"] == pytest.approx(0.1 if ids and ids <= s_ids else 1e-3)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
-    before = {id(layer.s): layer.s.detach().clone() for layer in trainer._svd_layers}
+    before = {id(layer.s): layer.s.detach().clone() for layer in list(svd_layers(trainer.model).values())}
     trainer.train()
-    moved = max((layer.s.detach() - before[id(layer.s)]).abs().max().item() for layer in trainer._svd_layers)
+    moved = max(
+        (layer.s.detach() - before[id(layer.s)]).abs().max().item()
+        for layer in list(svd_layers(trainer.model).values())
+    )
     assert moved > 0.05  # 4 Adam steps at lr 0.1 (about 1e-3 x 4 without the scale)
 
 

@@ -132,7 +132,7 @@ def check_data_aware(modules: dict[str, nn.Module], names: list[str], config: SV
     fixes = {
         "parameterization": (
             any(not lookup(modules[n], config.parameterization, n).data_aware for n in linear),
-            f"parameterization={data_aware_names()[0]!r}",
+            f'parameterization="{data_aware_names()[0]}"',
         ),
         "init_energy / init_max_rank": (
             config.init_energy is not None or config.init_max_rank is not None,

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from hf_svd_compress.config import ALLOCATIONS
+from hf_svd_compress.config import ALLOCATIONS, CONFIG_KEY
+from hf_svd_compress.core.factorize import attach_svd_config, stored_svd_config
 from hf_svd_compress.hub.templates.modeling_svd_compressed import low_rank_names
 from hf_svd_compress.layers.allocation import factored
 from hf_svd_compress.layers.base import FactoredLayer, factored_modules, group_by_allocator
@@ -90,6 +91,8 @@ def truncate_(model: nn.Module) -> dict[str, int]:
         if truncated is not layer:
             model.set_submodule(name, truncated)
         ranks[name] = truncated.rank
+    if hasattr(getattr(model, "config", None), CONFIG_KEY):  # the records name the new layers for checkpoints
+        attach_svd_config(model, stored_svd_config(model))
     return ranks
 
 

@@ -94,7 +94,7 @@ def _original_types(model: nn.Module, names: list[str]) -> dict[str, type[nn.Mod
     """The dense type each module `names` had (Linear, `Conv1D`, Conv2d), from a meta-device copy of the base
     architecture: an exported layer does not remember it."""
     if not names or not isinstance(model, PreTrainedModel):
-        return {n: nn.Conv2d if _low_rank_form(model.get_submodule(n)) is SVDConv2d else nn.Linear for n in names}
+        return {n: _low_rank_form(model.get_submodule(n)).dense_type for n in names}
     config_cls = base_class(type(model.config))
     config_dict = base_config_dict(model.config.to_dict(), {"base_model_type": config_cls.model_type})
     with torch.device("meta"):

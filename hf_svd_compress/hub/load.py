@@ -178,7 +178,7 @@ def load_factored_checkpoint(path: str | os.PathLike, device: torch.device | str
     arch = transformers_class((config.architectures or [""])[0])
     tensors = read_weights(folder)
     model = arch._from_config(config, dtype=tensor_dtype(tensors))
-    tensors = _renamed_to_model_keys(model, tensors)
+    tensors = _renamed_to_model_keys(model, tensors, list(stored["ranks"]))
     modules = dict(model.named_modules())
     for name in stored["ranks"]:
         if name not in modules or not any(key.startswith(f"{name}.") for key in tensors):
@@ -243,21 +243,25 @@ def _svd_state_dict(
     return state
 
 
-def _renamed_to_model_keys(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _renamed_to_model_keys(
+    model: PreTrainedModel, tensors: dict[str, torch.Tensor], factored: list[str]
+) -> dict[str, torch.Tensor]:
     """The checkpoint's keys under the model's module names.
 
     transformers 5 saves some architectures under legacy names (DINOv2 / ViT `attention.q_proj` is written as
     `attention.attention.query`) and renames them in `from_pretrained`; this applies the same renamings. A renamed
-    key is taken when its module exists in `model` (factored keys such as `.U` and `.s` belong to a module too).
+    key is taken when its module exists in `model`, or lies inside a `factored` module (whose sublayers, such as a
+    Householder layer's `u_factor`, the dense model does not have).
     """
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     modules = {name for name, _ in model.named_modules()}
+    inside = tuple(f"{name}." for name in factored)
     renamed = {}
     for key, value in tensors.items():
         new = key
         for renaming in renamings:
             new = renaming.rename_source_key(new)[0]
-        renamed[new if new.rpartition(".")[0] in modules else key] = value
+        renamed[new if new.rpartition(".")[0] in modules or new.startswith(inside) else key] = value
     return renamed
 
 

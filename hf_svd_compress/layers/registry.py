@@ -58,6 +58,11 @@ def register_parameterization(entry: Parameterization) -> Parameterization:
     return entry
 
 
+def unregister_parameterization(name: str) -> None:
+    """Remove every entry of `name` (for plugins and tests that register one for a while)."""
+    _REGISTRY.pop(name, None)
+
+
 def parameterization_names() -> tuple[str, ...]:
     """The registered names, in registration order."""
     return tuple(_REGISTRY)

@@ -106,7 +106,7 @@ class SVDTrainer(Trainer):
         if hidden_w:
             inputs = {**inputs, "output_hidden_states": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        scale = self._regularizer_scale(num_items_in_batch)
+        scale = self._regularizer_scale(num_items_in_batch) if distill or recording else 1.0
         if distill:
             temperature = getattr(self.args, "distill_temperature", 2.0)
             kd = distillation_loss(_logits(outputs), _logits(teacher), temperature, labels)
