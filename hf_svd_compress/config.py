@@ -14,8 +14,6 @@ from hf_svd_compress.validation import COUNT, FRACTION, NON_NEGATIVE, OPEN_FRACT
 CONFIG_FORMAT_VERSION = 1
 # Where a factored model's config records its `SVDConfig` and layers (survives save_pretrained and checkpoints).
 CONFIG_KEY = "svd_training"
-# Where an export's config.json records its ranks, shapes and base architecture (the Hub format's metadata).
-METADATA_KEY = "svd_compression"
 
 SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
 # How a factored layer is parameterized: the registered names (`layers.registry`). Built in: the regularized SVD (the

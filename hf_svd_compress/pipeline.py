@@ -157,7 +157,7 @@ class TaskSetup:
 
 def stage(message: str, args: TrainingArguments) -> None:
     """One short progress line per stage, printed by the main process only."""
-    if args.process_index == 0:
+    if args.process_index == 0:  # once per run: PartialState().print prints once per node
         print(f"[hf-svd-compress] {message}", flush=True)
 
 

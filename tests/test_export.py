@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 from conftest import bert_inputs, gpt2_inputs, make_bert, make_gpt2, make_vit, vit_inputs
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -237,7 +238,9 @@ def test_config_metadata_and_files(saved_bert):
 def test_model_card(saved_bert):
     model, path, _ = saved_bert
     card = (path / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers") and "pipeline_tag: text-classification" in card
+    data = ModelCard(card).data
+    assert (data.library_name, data.pipeline_tag) == ("transformers", "text-classification")
+    assert "hf_svd_compress" in data.tags and data.base_model is None  # a local path is not Hub metadata
     for name, layer in svd_layers(model).items():
         assert f"| `{name}` | {layer.out_features} x {layer.in_features} | 32 | {layer.rank} |" in card
     params = sum(t.numel() for t in load_file(path / "model.safetensors").values())
@@ -678,3 +681,29 @@ def test_gpt2_export_keeps_tied_lm_head(tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     with safe_open(tmp_path / "gpt2" / "model.safetensors", "pt") as f:
         assert f.metadata()["format"] == "pt"
+
+
+def test_large_exports_are_sharded_and_every_loader_reads_and_verifies_the_shards(tmp_path):
+    from architectures import BY_NAME, outputs
+
+    from hf_svd_compress.hub.format import CompressedFormatError
+
+    arch = BY_NAME["bert"]
+    model = svd_factorize_(arch.build())
+    prune_(model, budget=0.5, rank_multiple=1)
+    save_compressed(model, tmp_path / "export", max_shard_size=40_000)
+    shards = sorted(p.name for p in (tmp_path / "export").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "export" / "model.safetensors.index.json").is_file()
+    meta = json.loads((tmp_path / "export" / "config.json").read_text())["svd_compression"]
+    assert sorted(meta["checksums"]) == shards
+    inputs = arch.inputs()
+    for loaded in (
+        load_compressed(tmp_path / "export"),
+        load_compressed(tmp_path / "export", trainable=True),
+        arch.auto.from_pretrained(tmp_path / "export", trust_remote_code=True),
+    ):
+        torch.testing.assert_close(outputs(loaded, inputs), outputs(model.eval(), inputs), atol=1e-4, rtol=1e-4)
+    shard = tmp_path / "export" / shards[-1]
+    shard.write_bytes(shard.read_bytes()[:-4] + b"\0\0\0\0")  # same size, changed bytes
+    with pytest.raises(CompressedFormatError, match=shards[-1]):
+        load_compressed(tmp_path / "export")

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from transformers import default_data_collator
@@ -72,7 +73,7 @@ class CalibrationData:
         mine = Subset(self.dataset, range(rank, count, world))  # lazy: one batch of examples in memory at a time
         loader = DataLoader(mine, batch_size=self.batch_size, collate_fn=self.data_collator or default_data_collator)
         for batch in loader:
-            yield {k: v.to(device) for k, v in batch.items() if k not in ("labels", "label")}
+            yield send_to_device({k: v for k, v in batch.items() if k not in ("labels", "label")}, device)
 
 
 def target_linear_names(model: nn.Module, config: SVDConfig) -> list[str]:

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from transformers.models.auto import modeling_auto
 
 from hf_svd_compress.config import CONFIG_KEY, METADATA_KEY
-from hf_svd_compress.hub.templates.modeling_svd_compressed import (
+from hf_svd_compress.hub.templates.modeling_svd_compressed import (  # the format's constants: one home, both loaders
+    FORMAT_VERSION,
     checksum_problem,
     dense_rank_problem,
     file_sha256,
@@ -32,9 +33,6 @@ from hf_svd_compress.hub.templates.modeling_svd_compressed import (
 )
 from hf_svd_compress.layers.allocation import BREAK_EVEN
 from hf_svd_compress.layers.conv import GEOMETRY_KEYS, conv_tensor_shapes
-
-FORMAT_VERSION = 1
-
 
 MODEL_TYPE_PREFIX = "svd_compressed_"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from hf_svd_compress.hub.format import auto_classes, transformers_class
@@ -32,7 +33,7 @@ _PIPELINE_TAGS = {
 def render_model_card(
     meta: dict[str, Any],
     tensors: dict[str, torch.Tensor],
-    weights_file: Path,
+    weight_files: list[Path],
     model: nn.Module,
     dense: bool,
     base_model: str | None,
@@ -44,30 +45,32 @@ def render_model_card(
     auto_class = _auto_class(meta["base_model_type"], meta["base_architecture"])
     before, after = _dense_params(meta, tensors), sum(t.numel() for t in tensors.values())
     itemsize = next(iter(tensors.values())).element_size() if tensors else 4
+    on_disk = sum(f.stat().st_size for f in weight_files)
     sections = [
-        _front_matter(base_model, _PIPELINE_TAGS.get(auto_class)),
+        f"---\n{_card_data(base_model, _PIPELINE_TAGS.get(auto_class)).to_yaml()}\n---",
         f"# {name}\n\n{_summary(meta, base_model, dense)}",
         _how_to_load(auto_class, name, dense),
         *([] if dense else [_deployment(name)]),
         "## Size\n\n| | parameters | weights file |\n|---|---:|---:|\n"
         f"| dense base model | {before:,} | {_mb(before * itemsize)} (estimated) |\n"
-        f"| this model | {after:,} ({after / max(before, 1):.1%}) | {_mb(weights_file.stat().st_size)} |",
+        f"| this model | {after:,} ({after / max(before, 1):.1%}) | {_mb(on_disk)} |",
         _rank_table(meta),
         "## How the ranks were chosen\n\n" + _json_block(meta.get("rank_selection")),
         "## SVD training configuration\n\n" + _json_block(meta.get("svd_config")),
         "## Training settings\n\n" + _json_block(training_settings),
     ]
-    return "\n\n".join(sections) + "\n"
+    return str(ModelCard("\n\n".join(sections) + "\n"))  # parses the metadata: a malformed header raises here
 
 
-def _front_matter(base_model: str | None, pipeline_tag: str | None) -> str:
-    lines = ["---", "library_name: transformers", "tags:", "- hf_svd_compress", "- svd", "- low-rank"]
+def _card_data(base_model: str | None, pipeline_tag: str | None) -> ModelCardData:
     # Only a Hub id is valid metadata: a local path would make the Hub reject the card.
-    if base_model and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base_model) and not os.path.exists(base_model):
-        lines.append(f"base_model: {json.dumps(base_model)}")
-    if pipeline_tag:
-        lines.append(f"pipeline_tag: {pipeline_tag}")
-    return "\n".join([*lines, "---"])
+    hub_id = base_model and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base_model) and not os.path.exists(base_model)
+    return ModelCardData(
+        library_name="transformers",
+        tags=["hf_svd_compress", "svd", "low-rank"],
+        base_model=base_model if hub_id else None,
+        pipeline_tag=pipeline_tag,
+    )
 
 
 def _summary(meta: dict[str, Any], base_model: str | None, dense: bool) -> str:

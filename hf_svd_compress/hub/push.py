@@ -13,32 +13,18 @@ DEFAULT_COMMIT_MESSAGE = "Upload SVD-compressed model (hf_svd_compress)"
 def upload_folder_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    commit_message: str | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    api: HfApi | None = None,
-) -> CommitInfo:
-    """Upload a folder written by `save_compressed` (arguments as in `push_compressed_to_hub`)."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no config.json: write it with save_compressed first.")
-    api = api if api is not None else HfApi()
-    return _upload(api, folder, repo_id, private, token, commit_message, revision, create_pr)
-
-
-def _upload(
-    api: HfApi,
-    folder: Path,
-    repo_id: str,
     private: bool | None,
     token: str | bool | None,
     commit_message: str | None,
     revision: str | None,
     create_pr: bool,
+    api: HfApi | None,
 ) -> CommitInfo:
+    """Upload a folder written by `save_compressed` (the arguments are `push_compressed_to_hub`'s)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no config.json: write it with save_compressed first.")
+    api = api if api is not None else HfApi()
     repo_id = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True).repo_id
     if revision is not None:  # upload_folder fails on a branch that does not exist yet
         api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import CommitInfo, HfApi
-from safetensors.torch import save_file
+from huggingface_hub import CommitInfo, HfApi, save_torch_state_dict
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -54,6 +53,7 @@ def save_compressed(
     dense: bool = False,
     speed_break_even: float = SPEED_BREAK_EVEN,
     overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
     push_to_hub: bool = False,
     repo_id: str | None = None,
     **hub_kwargs: Any,
@@ -74,6 +74,8 @@ def save_compressed(
             slower than the dense one. 1.0 keeps every layer that saves parameters factored.
         overwrite (`bool`, defaults to `False`): Replace a folder that already holds a model (once the new one is
             complete); without it such a folder raises `FileExistsError` before anything is written.
+        max_shard_size (`int` or `str`, defaults to `"5GB"`): Larger weights are written as shards plus
+            `model.safetensors.index.json` (`huggingface_hub.save_torch_state_dict`).
         push_to_hub (`bool`, defaults to `False`): Then upload the folder with `push_compressed_to_hub`.
         repo_id (`str`, *optional*): Repository to push to (default: the folder name).
         hub_kwargs: `private`, `token`, `commit_message`, `revision`, `create_pr`, `api` of `push_compressed_to_hub`.
@@ -102,9 +104,9 @@ def save_compressed(
     arch, meta = base_class(type(model)), _metadata(model, layers, rank_selection, speed_break_even)
     tensors = _export_tensors(model, layers, meta, dense)
     with staging(target) as tmp:
-        _write_weights(tmp / WEIGHTS_NAME, tensors, dense)
+        files = _write_weights(tmp, tensors, dense, max_shard_size)
         if not dense:
-            meta["checksums"] = file_checksums(tmp, [WEIGHTS_NAME])
+            meta["checksums"] = file_checksums(tmp, files)
         write_json(tmp / "config.json", _export_config(model, arch, None if dense else meta))
         if not dense:
             (tmp / MODELING_FILE).write_text(modeling_source(meta))
@@ -113,12 +115,19 @@ def save_compressed(
         if processing_class is not None:
             processing_class.save_pretrained(tmp)
         card = render_model_card(
-            meta, tensors, tmp / WEIGHTS_NAME, model, dense, base_model, training_settings, repo_id or target.name
+            meta,
+            tensors,
+            [tmp / f for f in files],
+            model,
+            dense,
+            base_model,
+            training_settings,
+            repo_id or target.name,
         )
         (tmp / "README.md").write_text(card)
     logger.info("Wrote %s (%d factored layers, dense=%s).", target, len(layers), dense)
     if push_to_hub:
-        upload_folder_to_hub(target, repo_id or target.name, **hub_kwargs)
+        push_compressed_to_hub(target, repo_id or target.name, **hub_kwargs)
     return target
 
 
@@ -175,8 +184,12 @@ def _export_tensors(
     return state
 
 
-def _write_weights(path: Path, tensors: dict[str, torch.Tensor], dense: bool) -> None:
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+def _write_weights(
+    folder: Path, tensors: dict[str, torch.Tensor], dense: bool, max_shard_size: int | str
+) -> list[str]:
+    """Write the tensors as `model.safetensors`, or shards and their index past `max_shard_size` (as transformers
+    does, which `load_compressed` and the remote code read back); returns the weight files written."""
+    tensors = {k: v.detach() for k, v in tensors.items()}
     metadata = {"format": "pt"}
     low_rank = sorted(k.removesuffix(".down.weight") for k in tensors if k.endswith(".down.weight"))
     if not dense and low_rank:
@@ -184,7 +197,8 @@ def _write_weights(path: Path, tensors: dict[str, torch.Tensor], dense: bool) ->
         # instead of silently random-initializing, and lists GUARD_KEY, which says how to load.
         tensors.update(guard_tensors(low_rank, tensors[f"{low_rank[0]}.down.weight"]))
         metadata[METADATA_KEY] = "Load with trust_remote_code=True or hf_svd_compress.load_compressed."
-    save_file(tensors, path, metadata=metadata)
+    save_torch_state_dict(tensors, folder, max_shard_size=max_shard_size, metadata=metadata)
+    return sorted(p.name for p in folder.glob("*.safetensors"))
 
 
 def _export_config(model: PreTrainedModel, arch: type, meta: dict | None) -> dict[str, Any]:

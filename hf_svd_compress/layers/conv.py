@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_svd_compress.hub.templates.modeling_svd_compressed import FactoredWeight, LowRankConv2d, conv_stages
-from hf_svd_compress.layers.linalg import energy_rank, thin_svd
+from hf_svd_compress.layers.linalg import assign_, energy_rank, split_product, thin_svd
 from hf_svd_compress.layers.registry import Parameterization, register_parameterization
 from hf_svd_compress.layers.svd import SVDLinear
 
@@ -209,12 +209,9 @@ class SVDConv2d(SVDLinear):
         layer = cls.from_geometry(geometry, down.shape[0], bias is not None, down.device, down.dtype)
         work = torch.float64 if down.dtype == torch.float64 else torch.float32
         plain, carrier = layer._kernel_factors(down.detach().to(work), up.detach().to(work))
-        P, s, Q = _split_product(plain, carrier, orthonormal)
+        P, s, Q = split_product(plain, carrier, orthonormal)
         U, V = (P, Q) if layer.conv_mode == "channel" else (Q, P)
-        with torch.no_grad():
-            for param, value in ((layer.U, U), (layer.s, s), (layer.V, V), (layer.bias, bias)):
-                if param is not None:
-                    param.copy_(value)
+        assign_((layer.U, U), (layer.s, s), (layer.V, V), (layer.bias, bias))
         return layer
 
     @classmethod
@@ -431,23 +428,6 @@ def _functional(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _out_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int) -> int:
     return max(0, (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1)
-
-
-def _split_product(
-    plain: torch.Tensor, carrier: torch.Tensor, orthonormal: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(P, s, Q)` with `plain @ carrier^T = P diag(s) Q^T`, for a carrier that holds the singular values.
-
-    Without `orthonormal`: `s` = the carrier's column norms, `Q` = its normalized columns, `P = plain` (exact inverse
-    of folding `s` into one factor). With it: QR of both factors and an r x r SVD give orthonormal `P`, `Q`.
-    """
-    if orthonormal:
-        q_p, r_p = torch.linalg.qr(plain)
-        q_c, r_c = torch.linalg.qr(carrier)
-        small_p, s, small_ch = torch.linalg.svd(r_p @ r_c.T)
-        return q_p @ small_p, s, q_c @ small_ch.T
-    s = carrier.norm(dim=0)
-    return plain, s, carrier / torch.where(s > 0, s, torch.ones_like(s))
 
 
 register_parameterization(

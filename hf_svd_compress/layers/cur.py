@@ -200,14 +200,30 @@ def _prefix_errors(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, max_
 # ---- layers -------------------------------------------------------------------------------------------------------
 
 
-def _allocate_cur_ranks(
-    cls: type, layers: dict, energy: float | None, budget: float | None, rank_multiple: int, allocation_rule: str
-) -> dict[str, int]:
-    """`allocate_ranks` of the CUR layers: `prune_cur_`'s enumeration (the SVD `allocation_rule` does not apply)."""
-    return prune_cur_(layers, energy, budget, rank_multiple)
+class CURLayer(FactoredLayer):
+    """What the two CUR layers share: pruning by enumeration, and export as the layout `up = C`, `down = U R`."""
+
+    parameterization = "cur"
+
+    @classmethod
+    def allocate_ranks(
+        cls, layers: dict, energy: float | None, budget: float | None, rank_multiple: int, allocation_rule: str
+    ) -> dict[str, int]:
+        """`prune_cur_`'s enumeration (the SVD `allocation_rule` does not apply)."""
+        return prune_cur_(layers, energy, budget, rank_multiple)
+
+    def svd_form(self) -> SVDLinear:
+        """The `SVDLinear` of the exported layout `up = C`, `down = U R` (not re-orthonormalized)."""
+        layer = SVDLinear.from_low_rank_factors(*self.low_rank_factors(), self.bias)
+        layer.dense_type = self.dense_type
+        return layer
+
+    def to_dense(self) -> nn.Module:
+        with torch.no_grad():
+            return dense_module(self.composed_weight().detach(), self.bias, self.dense_type)
 
 
-class CURLinear(FactoredLayer):
+class CURLinear(CURLayer):
     """A linear layer trained toward its CUR approximation; dense at full rank, `C U R` after `prune_`.
 
     Args:
@@ -221,8 +237,6 @@ class CURLinear(FactoredLayer):
     and the rank whose leverage scores made the orders. Python copies of the ranks keep the forward free of
     host-device syncs.
     """
-
-    parameterization = "cur"
 
     def __init__(
         self,
@@ -422,21 +436,9 @@ class CURLinear(FactoredLayer):
 
     # ---- FactoredLayer ----------------------------------------------------------------------------------------
 
-    allocate_ranks = classmethod(_allocate_cur_ranks)
-
     def truncate_(self) -> FactoredLayer:
         """The `CompactCURLinear` of a pruned layer; a layer at full rank stays (`C U R` would store more)."""
         return self.to_compact() if self.rank < self.full_rank else self
-
-    def svd_form(self) -> SVDLinear:
-        """The `SVDLinear` of the exported layout `up = C`, `down = U R` (not re-orthonormalized)."""
-        layer = SVDLinear.from_low_rank_factors(*self.low_rank_factors(), self.bias)
-        layer.dense_type = self.dense_type
-        return layer
-
-    def to_dense(self) -> nn.Module:
-        with torch.no_grad():
-            return dense_module(self.composed_weight().detach(), self.bias, self.dense_type)
 
     def configure_regularizers(self, settings: RegularizerSettings) -> bool:
         self.approx_terms.clear()
@@ -471,7 +473,7 @@ class CURLinear(FactoredLayer):
         self._ranks = tuple(int(v) for v in self.cur_ranks.tolist())
 
 
-class CompactCURLinear(FactoredLayer):
+class CompactCURLinear(CURLayer):
     """A truncated CUR layer, `y = x (C U R)^T + bias`, with `C` [out, k], `U` [k, k] and `R` [k, in] trainable.
 
     Args:
@@ -483,8 +485,6 @@ class CompactCURLinear(FactoredLayer):
     Buffers `row_index`, `col_index` record which rows and columns of the weight `R` and `C` started as. Export
     writes `down = U R` [k, in] and `up = C` [out, k], the format `save_compressed` uses for every low-rank layer.
     """
-
-    parameterization = "cur"
 
     def __init__(
         self,
@@ -550,8 +550,6 @@ class CompactCURLinear(FactoredLayer):
 
     # ---- FactoredLayer ----------------------------------------------------------------------------------------
 
-    allocate_ranks = classmethod(_allocate_cur_ranks)  # shared with CURLinear, which refuses_pruning() guards
-
     def refuses_pruning(self) -> str | None:
         return (
             "truncated CUR layers keep their columns and rows: "
@@ -560,16 +558,6 @@ class CompactCURLinear(FactoredLayer):
 
     def truncate_(self) -> CompactCURLinear:
         return self
-
-    def svd_form(self) -> SVDLinear:
-        """The `SVDLinear` of the exported layout `up = C`, `down = U R` (not re-orthonormalized)."""
-        layer = SVDLinear.from_low_rank_factors(*self.low_rank_factors(), self.bias)
-        layer.dense_type = self.dense_type
-        return layer
-
-    def to_dense(self) -> nn.Module:
-        with torch.no_grad():
-            return dense_module(self.composed_weight().detach(), self.bias, self.dense_type)
 
     @classmethod
     def from_state(

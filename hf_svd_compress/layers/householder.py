@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_svd_compress.layers.base import dense_type_of
-from hf_svd_compress.layers.linalg import FACTORABLE_TYPES, dense_weight, energy_rank, thin_svd
+from hf_svd_compress.layers.linalg import FACTORABLE_TYPES, dense_weight, energy_rank, split_product, thin_svd
 from hf_svd_compress.layers.registry import Parameterization, register_parameterization
 from hf_svd_compress.layers.regularizers import sparsity_loss
 from hf_svd_compress.layers.svd import SVDLinear
@@ -459,12 +459,8 @@ class HouseholderSVDLinear(SVDLinear):
         where they had drifted; with `tt_max_rank` (STTP) they are approximated.
         """
         U, s, V = (t.detach().double() for t in layer.live_factors())
-        q_u, r_u = torch.linalg.qr(U)
-        q_v, r_v = torch.linalg.qr(V)
-        left, s, right_h = torch.linalg.svd((r_u * s) @ r_v.T)
-        new = cls.from_factors(
-            q_u @ left, s, q_v @ right_h.T, layer.bias, parameterization, tt_max_rank, dtype=layer.s.dtype
-        )
+        U, s, V = split_product(U * s, V, orthonormal=True)
+        new = cls.from_factors(U, s, V, layer.bias, parameterization, tt_max_rank, dtype=layer.s.dtype)
         new.dense_type = layer.dense_type
         return new.to(layer.s.device)
 

@@ -118,3 +118,28 @@ def work_dtype(t: torch.Tensor) -> torch.dtype:
 def whole(t: torch.Tensor) -> torch.Tensor:
     """`t`, or the whole tensor of an FSDP2 / tensor-parallel `DTensor` (a collective: all processes call it)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def split_product(
+    plain: torch.Tensor, carrier: torch.Tensor, orthonormal: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(P, s, Q)` with `plain @ carrier^T = P diag(s) Q^T`, for a carrier that holds the singular values.
+
+    Without `orthonormal`: `s` = the carrier's column norms, `Q` = its normalized columns, `P = plain` (exact inverse
+    of folding `s` into one factor). With it: QR of both factors and an r x r SVD give orthonormal `P`, `Q`.
+    """
+    if orthonormal:
+        q_p, r_p = torch.linalg.qr(plain)
+        q_c, r_c = torch.linalg.qr(carrier)
+        small_p, s, small_ch = torch.linalg.svd(r_p @ r_c.T)
+        return q_p @ small_p, s, q_c @ small_ch.T
+    s = carrier.norm(dim=0)
+    return plain, s, carrier / torch.where(s > 0, s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def assign_(*pairs: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
+    """Copy each value into its parameter, skipping pairs where either is `None` (a layer without bias)."""
+    for param, value in pairs:
+        if param is not None and value is not None:
+            param.copy_(value)

@@ -13,10 +13,12 @@ from hf_svd_compress.hub.templates.modeling_svd_compressed import FactoredWeight
 from hf_svd_compress.layers.base import FactoredLayer, RegularizerSettings, dense_module, dense_type_of
 from hf_svd_compress.layers.linalg import (
     FACTORABLE_TYPES,
+    assign_,
     compose_first,
     dense_weight,
     energy_rank,
     scaled_svd,
+    split_product,
     thin_svd,
     whitened_svd,
     whole,
@@ -161,20 +163,10 @@ class SVDLinear(FactoredLayer):
         Without `orthonormal`, the exported layout is inverted as saved (`U = up`, `s` = row norms of `down`); with
         it, a QR of each factor and an r x r SVD give orthonormal `U`, `V` (needed after LoRA merged into them).
         """
-        work = torch.float64 if down.dtype == torch.float64 else torch.float32
-        d, u = down.detach().to(work), up.detach().to(work)
-        if orthonormal:
-            q_u, r_u = torch.linalg.qr(u)
-            q_d, r_d = torch.linalg.qr(d.T)
-            small_u, s, small_vh = torch.linalg.svd(r_u @ r_d.T)
-            U, V = q_u @ small_u, q_d @ small_vh.T
-        else:
-            s = d.norm(dim=1)
-            U, V = u, (d / torch.where(s > 0, s, torch.ones_like(s))[:, None]).T
+        d, u = down.detach().to(work_dtype(down)), up.detach().to(work_dtype(down))
+        U, s, V = split_product(u, d.T, orthonormal)  # `down` carries the singular values
         layer = cls(d.shape[1], u.shape[0], s.shape[0], bias is not None, device=down.device, dtype=down.dtype)
-        for param, value in ((layer.U, U), (layer.s, s), (layer.V, V), (layer.bias, bias)):
-            if param is not None:
-                param.copy_(value)
+        assign_((layer.U, U), (layer.s, s), (layer.V, V), (layer.bias, bias))
         return layer
 
     @classmethod

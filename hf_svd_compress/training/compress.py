@@ -23,13 +23,13 @@ from typing import Any
 
 from torch import nn
 
-from hf_svd_compress.config import SVDConfig
+from hf_svd_compress.config import FIELD_RULES, SVDConfig
 from hf_svd_compress.core.calibration import CalibrationData, activation_scales
 from hf_svd_compress.core.factorize import svd_factorize_
 from hf_svd_compress.core.pruning import prune_, truncate_
 from hf_svd_compress.training.arguments import SVDTrainingArguments
 from hf_svd_compress.training.trainer import SVDTrainer
-from hf_svd_compress.validation import OPEN_FRACTION, choice, number
+from hf_svd_compress.validation import choice, number
 
 INITS = ("whitened", "asvd", "svd")
 # When the budget is reached: "gradual" prunes while training (SVD training, from 20% to 60% of the steps by
@@ -90,7 +90,7 @@ def compress(
             the model is changed.
     """
     config = config or compress_config()
-    budget = number("budget", _first_set(budget, args.prune_budget, DEFAULT_BUDGET), **OPEN_FRACTION)
+    budget = number("budget", _first_set(budget, args.prune_budget, DEFAULT_BUDGET), **FIELD_RULES["prune_budget"])
     choice("init", init, INITS)
     choice("schedule", schedule, SCHEDULES)
     if schedule == "at_start" and (args.prune_at_step is not None or args.prune_start_step is not None):
