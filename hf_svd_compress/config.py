@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from hf_svd_compress.hub.templates.modeling_svd_compressed import METADATA_KEY as METADATA_KEY  # the export's key
 from hf_svd_compress.layers.conv import CONV_MODES
 from hf_svd_compress.layers.registry import method_fields, parameterization_names
 from hf_svd_compress.validation import COUNT, FRACTION, NON_NEGATIVE, OPEN_FRACTION, check_fields, choice

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_svd_compress.layers.allocation import BREAK_EVEN, factored, layer_params
 from hf_svd_compress.layers.base import FactoredLayer, RegularizerSettings, dense_module, dense_type_of
 from hf_svd_compress.layers.linalg import FACTORABLE_TYPES, compose_first, dense_weight, energy_rank, whole, work_dtype
 from hf_svd_compress.layers.registry import Parameterization, register_parameterization
@@ -54,13 +55,17 @@ __all__ = [
 
 
 def break_even_rank(out_features: int, in_features: int) -> int:
-    """Largest rank whose exported factors `k (m + n)` store fewer weights than the dense `m n` (0 if none)."""
-    return (out_features * in_features - 1) // (out_features + in_features)
+    """Largest rank the export stores as factors (`allocation.factored`: `k (m + n) < BREAK_EVEN m n`; 0 if none)."""
+    rank = int(BREAK_EVEN * out_features * in_features // (out_features + in_features))
+    while rank > 0 and not factored(out_features, in_features, rank):
+        rank -= 1
+    return rank
 
 
 def exported_params(out_features: int, in_features: int, rank: int) -> int:
-    """Weights a layer exports at `rank`: the factors `k (m + n)`, or dense `m n` when that is not larger."""
-    return min(rank * (out_features + in_features), out_features * in_features)
+    """Weights a layer exports at `rank`: the factors `k (m + n)`, or the dense `m n` past the break-even (the one
+    rule of `allocation.layer_params`)."""
+    return layer_params(out_features, in_features, rank)
 
 
 def _rtol(out_features: int, in_features: int) -> float:
