@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
 
-from hf_svd_compress.pipeline import PipelineArguments
-from hf_svd_compress.training.arguments import SVDTrainingArguments
+# Each command imports what it needs when it runs: `report` and `--help` start without torch or transformers.
 
 # Sizes of the embedded default run (about 10 minutes on 2 CPU cores); SVD training is compress()'s defaults.
 COMPRESS_DEFAULTS: dict[str, Any] = {
@@ -68,6 +66,8 @@ def parse_with_config(
     given as flags (`prune_energy: true` is refused like `--prune_energy True`); a list is refused for a one-value
     option, except `target_modules`, whose list is joined as the comma-separated flag.
     """
+    from transformers import HfArgumentParser
+
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
@@ -118,8 +118,9 @@ def _as_flags(data: dict[str, Any], parser: argparse.ArgumentParser, path: str) 
 
 def compress(argv: Sequence[str]) -> None:
     """The whole pipeline on a text-classification task (the embedded default without arguments)."""
-    from hf_svd_compress.pipeline import check_arguments, end_processes, preflight, run_compression
+    from hf_svd_compress.pipeline import PipelineArguments, check_arguments, end_processes, preflight, run_compression
     from hf_svd_compress.tasks import TextTaskArguments, setup_text_classification
+    from hf_svd_compress.training.arguments import SVDTrainingArguments
 
     with refusals():  # every check on what the user named happens here, before any training
         task, pipeline_args, args = parse_with_config(

@@ -503,7 +503,7 @@ def plot_ranks(layers: list[dict[str, Any]], path: str | Path) -> Path:
     ax.barh(y, full, height=0.8, color=_GREY)
     ax.barh(y, kept, height=0.55, color=[_ORANGE if d else _BLUE for d in dense])
     # From the break-even rank on (speed_break_even m n / (m + n)) the export stores the layer dense.
-    even = [row["break_even_rank"] for row in layers]
+    even = [row.get("break_even_rank", row["shape"][0] * row["shape"][1] / sum(row["shape"])) for row in layers]
     ax.scatter(even, y, marker="|", s=90, color="black", linewidths=1.2, zorder=3)
     for i, row in enumerate(layers):
         text = f"{row['kept_rank']}/{row['full_rank']} ({row['kept_fraction']:.0%})" if row["full_rank"] else ""

@@ -1,147 +1,40 @@
-"""Shared fixtures: tiny random BERT / ViT / GPT-2 models built from configs, a toy MLP, and their inputs.
+"""Shared fixtures: the tiny models of `builders.py`, the targets each must get, and reference helpers.
 
-Every model is small enough that building it and running a forward pass takes milliseconds on one CPU core. The
-expected target names are written out by hand (not computed with the package's matching code) so the tests can
+The expected target names are written out by hand (not computed with the package's matching code) so the tests can
 catch a wrong default or a wrong matching rule.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    ViTConfig,
-    ViTForImageClassification,
+from builders import (
+    ToyMLP,
+    bert_inputs,
+    gpt2_inputs,
+    make_bert,
+    make_gpt2,
+    make_mlp,
+    make_vit,
+    mlp_inputs,
+    seed_everything,
+    vit_inputs,
 )
-
-SEED = 0
+from torch import nn
+from transformers import BertForSequenceClassification, GPT2LMHeadModel, ViTForImageClassification
 
 # Fixtures of the CLI and recipe tests: a tiny BERT with a real tokenizer, a tiny csv.
 pytest_plugins = ["text_fixtures"]
-
-
-def seed_everything(seed: int = SEED) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @pytest.fixture(autouse=True)
 def _fixed_seed():
     seed_everything()
     yield
-
-
-# ----------------------------------------------------------------------------------------------------- models
-
-
-def make_bert() -> BertForSequenceClassification:
-    seed_everything()
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=100,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config).eval()
-
-
-def make_vit() -> ViTForImageClassification:
-    seed_everything()
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=8,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return ViTForImageClassification(config).eval()
-
-
-def make_gpt2() -> GPT2LMHeadModel:
-    seed_everything()
-    config = GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        vocab_size=100,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config).eval()
-
-
-class ToyMLP(nn.Module):
-    """Two residual blocks, each an `nn.Sequential` of Linear layers (tall 12->24 and wide 24->12), plus a head."""
-
-    def __init__(self, width: int = 12, hidden: int = 24, num_blocks: int = 2, num_classes: int = 3) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width)) for _ in range(num_blocks)
-        )
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = x + block(x)
-        return self.head(x)
-
-
-def make_mlp() -> ToyMLP:
-    seed_everything()
-    return ToyMLP().eval()
-
-
-# ----------------------------------------------------------------------------------------------------- inputs
-
-
-def bert_inputs(batch: int = 2, seq: int = 7) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[0, -2:] = 0
-    return {"input_ids": torch.randint(0, 100, (batch, seq), generator=g), "attention_mask": mask}
-
-
-def vit_inputs(batch: int = 2) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(2)
-    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
-
-
-def gpt2_inputs(batch: int = 2, seq: int = 9) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    return {"input_ids": torch.randint(0, 100, (batch, seq), generator=g)}
-
-
-def mlp_inputs(batch: int = 5) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(4)
-    return {"x": torch.randn(batch, 12, generator=g)}
-
-
-def forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's main output tensor (logits for the Transformers models)."""
-    out = model(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 # ------------------------------------------------------------------------------------------- expected targets

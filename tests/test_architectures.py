@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from architectures import ARCHITECTURES, BY_NAME, Arch, loss_inputs, outputs
+from builders import ARCHITECTURES, BY_NAME, Arch, loss_inputs, outputs
 from safetensors import safe_open
 from test_export import fresh_case, run_fresh
 

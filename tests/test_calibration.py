@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import forward, make_bert, make_vit, relative_error, vit_inputs
+from builders import forward, make_bert, make_vit, vit_inputs
+from conftest import relative_error
 from torch import nn
 
 from hf_svd_compress import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_bert
+from builders import make_bert
 from test_trainer import args, tiny_data
 
 from hf_svd_compress import compress, compress_config, current_ranks, svd_layers

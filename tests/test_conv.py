@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 
+import builders
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error, seed_everything
+from builders import seed_everything
+from conftest import relative_error
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import AutoModel, AutoModelForImageClassification, ViTForImageClassification
 
 from hf_svd_compress import (
     CompressedFormatError,
@@ -366,19 +368,7 @@ def test_not_a_layer_error_names_convs():
 
 
 def make_vit() -> ViTForImageClassification:
-    seed_everything()
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return ViTForImageClassification(config).eval()
+    return builders.make_vit(image_size=32)
 
 
 def pixels(batch: int = 2, seed: int = 2) -> torch.Tensor:

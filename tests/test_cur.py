@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import make_bert, token_dataset
 from conftest import linear_with_spectrum, relative_error
-from datasets import Dataset
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 from hf_svd_compress import (
@@ -69,23 +69,7 @@ def direct_error(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -
 
 
 def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config).eval()
-
-
-def tiny_data(n: int = 32) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 100, (n, 10), generator=g)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
+    return make_bert(num_attention_heads=2)
 
 
 def train_args(tmp_path, **kw) -> SVDTrainingArguments:
@@ -375,7 +359,7 @@ def test_working_rank_follows_the_pruning_settings():
 def test_trainer_adds_the_weighted_term_and_logs_it_falling(tmp_path):
     model = svd_factorize_(tiny_bert(), SVDConfig(parameterization="cur", approx_weight=2.0))
     trainer = SVDTrainer(
-        model=model, args=train_args(tmp_path, max_steps=6, learning_rate=5e-3), train_dataset=tiny_data()
+        model=model, args=train_args(tmp_path, max_steps=6, learning_rate=5e-3), train_dataset=token_dataset()
     )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     model.train()
@@ -397,7 +381,7 @@ def test_trainer_adds_the_weighted_term_and_logs_it_falling(tmp_path):
 def test_approx_weight_argument_overrides_and_zero_disables(tmp_path):
     model = svd_factorize_(tiny_bert(), SVDConfig(parameterization="cur"))
     trainer = SVDTrainer(
-        model=model, args=train_args(tmp_path, max_steps=1, approx_weight=0.0), train_dataset=tiny_data()
+        model=model, args=train_args(tmp_path, max_steps=1, approx_weight=0.0), train_dataset=token_dataset()
     )
     trainer.train()
     assert "approx_loss" not in trainer.state.log_history[0]
@@ -409,7 +393,7 @@ def test_approx_weight_argument_overrides_and_zero_disables(tmp_path):
 def test_prune_at_step_ends_the_term_and_trains_the_cur_function(tmp_path):
     model = svd_factorize_(tiny_bert(), SVDConfig(parameterization="cur"))
     kw = dict(max_steps=4, prune_at_step=2, prune_budget=0.5, prune_rank_multiple=1)
-    trainer = SVDTrainer(model=model, args=train_args(tmp_path, **kw), train_dataset=tiny_data())
+    trainer = SVDTrainer(model=model, args=train_args(tmp_path, **kw), train_dataset=token_dataset())
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all("approx_loss" in entry for entry in logs if entry["step"] <= 2)
@@ -424,7 +408,7 @@ def test_gradient_checkpointing_does_not_count_the_term_twice(tmp_path):
     for checkpointing in (False, True):
         model = svd_factorize_(tiny_bert(), SVDConfig(parameterization="cur"))
         args = train_args(tmp_path, max_steps=1, gradient_checkpointing=checkpointing)
-        trainer = SVDTrainer(model=model, args=args, train_dataset=tiny_data())
+        trainer = SVDTrainer(model=model, args=args, train_dataset=token_dataset())
         trainer.train()
         losses.append((trainer.state.log_history[0]["loss"], trainer.state.log_history[0]["approx_loss"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
@@ -435,7 +419,7 @@ def one_sgd_update(tmp_path, batch: int, accumulation: int, approx_weight: float
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     kw = dict(max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
     args = train_args(tmp_path, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", **kw)
-    SVDTrainer(model=model, args=args, train_dataset=tiny_data(8)).train()
+    SVDTrainer(model=model, args=args, train_dataset=token_dataset(8)).train()
     return {n: p.detach() - before[n] for n, p in model.named_parameters()}
 
 
@@ -469,12 +453,12 @@ def test_the_approximation_term_is_recorded_in_forward_only_when_asked():
 
 def test_prune_truncate_fine_tune_export_reload(tmp_path):
     model = svd_factorize_(tiny_bert(), SVDConfig(parameterization="cur"))
-    SVDTrainer(model=model, args=train_args(tmp_path / "a", max_steps=2), train_dataset=tiny_data()).train()
+    SVDTrainer(model=model, args=train_args(tmp_path / "a", max_steps=2), train_dataset=token_dataset()).train()
     prune_(model, budget=0.5, rank_multiple=1)
     truncate_(model)
     assert any(isinstance(m, CompactCURLinear) for m in cur_layers(model).values())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = SVDTrainer(model=model, args=train_args(tmp_path / "b", max_steps=2), train_dataset=tiny_data())
+    trainer = SVDTrainer(model=model, args=train_args(tmp_path / "b", max_steps=2), train_dataset=token_dataset())
     trainer.train()
     compact = next(n for n, m in cur_layers(model).items() if isinstance(m, CompactCURLinear))
     assert not torch.equal(before[f"{compact}.U"], model.get_submodule(compact).U)  # the core trains too
@@ -524,7 +508,7 @@ def test_convs_are_refused_for_cur():
 
 def test_trainer_refuses_a_model_without_factored_layers(tmp_path):
     with pytest.raises(ValueError, match="SVDLinear or CURLinear"):
-        SVDTrainer(model=tiny_bert(), args=train_args(tmp_path), train_dataset=tiny_data())
+        SVDTrainer(model=tiny_bert(), args=train_args(tmp_path), train_dataset=token_dataset())
 
 
 def test_merge_to_dense_merges_cur_layers_before_and_after_truncation():

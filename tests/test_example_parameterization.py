@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from architectures import BY_NAME, loss_inputs, outputs
+from builders import BY_NAME, loss_inputs, outputs
 from datasets import Dataset
 from torch import nn
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import bert_inputs, gpt2_inputs, make_bert, make_gpt2, make_vit, vit_inputs
+from builders import bert_inputs, gpt2_inputs, make_bert, make_gpt2, make_vit, vit_inputs
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -26,7 +26,6 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
-    BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
     BertForTokenClassification,
@@ -87,8 +86,7 @@ def output(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 def _bert(cls):
-    torch.manual_seed(0)
-    return cls(BertConfig(vocab_size=100, num_labels=3, **TINY_BERT)).eval()
+    return make_bert(task_class=cls, num_labels=3)
 
 
 def _vit_model():
@@ -684,7 +682,7 @@ def test_gpt2_export_keeps_tied_lm_head(tmp_path):
 
 
 def test_large_exports_are_sharded_and_every_loader_reads_and_verifies_the_shards(tmp_path):
-    from architectures import BY_NAME, outputs
+    from builders import BY_NAME, outputs
 
     from hf_svd_compress.hub.format import CompressedFormatError
 

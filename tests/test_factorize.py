@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL_CASES, bert_inputs, forward, linear_with_spectrum, relative_error
+from builders import bert_inputs, forward
+from conftest import MODEL_CASES, linear_with_spectrum, relative_error
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from builders import make_bert
 from conftest import relative_error
 from datasets import Dataset
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 from hf_svd_compress import (
@@ -62,17 +63,7 @@ def random_orthonormal(d: int, r: int) -> torch.Tensor:
 
 
 def tiny_bert(config: SVDConfig) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    bert_config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return svd_factorize_(BertForSequenceClassification(bert_config).eval(), config)
+    return svd_factorize_(make_bert(num_attention_heads=2), config)
 
 
 def bert_batch() -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bert_inputs, make_bert
+from builders import bert_inputs, make_bert
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from transformers import AutoModelForSequenceClassification
 

@@ -14,7 +14,8 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from conftest import bert_inputs, linear_with_spectrum, make_bert, relative_error
+from builders import bert_inputs, make_bert
+from conftest import linear_with_spectrum, relative_error
 from torch import nn
 
 from hf_svd_compress import SVDConfig, SVDLinear, svd_factorize_, svd_layers

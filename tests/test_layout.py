@@ -8,7 +8,7 @@
 - no `isinstance` / `type(...) is` test on a concrete factored-layer class outside the module defining it: other
   code talks to the `FactoredLayer` protocol;
 - no function longer than 50 lines of code (docstring excluded);
-- `import hf_svd_compress.report` loads neither torch nor transformers (`-X importtime`).
+- `import hf_svd_compress.report` (and the package, and the CLI module) loads neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def test_no_function_over_fifty_lines():
     assert not long, long
 
 
-@pytest.mark.parametrize("module", ["hf_svd_compress.report", "hf_svd_compress"])
+@pytest.mark.parametrize("module", ["hf_svd_compress.report", "hf_svd_compress", "hf_svd_compress.cli"])
 def test_light_imports_load_neither_torch_nor_transformers(module):
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {module}"], capture_output=True, text=True, check=True

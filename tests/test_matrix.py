@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from architectures import BY_NAME, Arch, loss_inputs, outputs
+from builders import BY_NAME, Arch, loss_inputs, outputs
 
 from hf_svd_compress import (
     SVDConfig,

@@ -11,9 +11,10 @@ import json
 
 import pytest
 import torch
+from builders import make_bert
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from hf_svd_compress import (
     SVDConfig,
@@ -35,18 +36,8 @@ CONFIG = SVDConfig(orth_weight=1.0, sparsity="hoyer", sparsity_weight=0.05)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny dense BERT saved in float32, to load in bf16 as users do (`dtype=torch.bfloat16`)."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=100,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
     path = tmp_path_factory.mktemp("bert")
-    BertForSequenceClassification(config).save_pretrained(path)
+    make_bert().save_pretrained(path)
     return path
 
 

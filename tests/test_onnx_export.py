@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
-from architectures import BY_NAME
+from builders import BY_NAME
 from test_architectures import compressed
 
 from hf_svd_compress import save_compressed

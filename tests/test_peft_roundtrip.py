@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import bert_inputs, make_bert
+from builders import bert_inputs, make_bert
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 

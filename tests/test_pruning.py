@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL_CASES, forward, linear_with_spectrum, relative_error
+from builders import forward
+from conftest import MODEL_CASES, linear_with_spectrum, relative_error
 from torch import nn
 
 from hf_svd_compress import SVDConfig, SVDLinear, current_ranks, prune_, svd_factorize_, svd_layers, truncate_

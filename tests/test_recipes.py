@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import make_vit
 from PIL import Image
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+from transformers import ViTImageProcessor
 
 from hf_svd_compress import load_compressed
 
@@ -69,11 +70,7 @@ def test_recipe_refusals_are_one_error_line_per_process(tiny_text_model, tiny_te
 def tiny_vit_and_images(tmp_path_factory):
     """A tiny ViT with its image processor, and an image folder with two classes of 16 x 16 images."""
     root = tmp_path_factory.mktemp("vision")
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8
-    )
-    ViTForImageClassification(config).save_pretrained(root / "vit")
+    make_vit(num_labels=2).save_pretrained(root / "vit")
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "vit")
     rng = np.random.default_rng(0)
     for label, base in (("dark", 40), ("bright", 200)):

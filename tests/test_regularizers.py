@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import bert_inputs, make_bert
+from builders import bert_inputs, make_bert
 
 from hf_svd_compress import SVDConfig, SVDLinear, svd_factorize_, svd_layers
 from hf_svd_compress.layers.regularizers import (

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import bert_config
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import BertConfig, BertForSequenceClassification
@@ -104,15 +105,8 @@ def make_export(
 
 
 def tiny_config() -> BertConfig:
-    return BertConfig(
-        vocab_size=50,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        intermediate_size=INTERMEDIATE,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
+    sizes = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "intermediate_size": INTERMEDIATE}
+    return bert_config(vocab_size=50, num_attention_heads=2, max_position_embeddings=16, num_labels=3, **sizes)
 
 
 def tiny_ranks() -> dict[str, int]:
@@ -200,6 +194,7 @@ def test_layer_rows_accuracy_and_metadata(written):
         "full_rank": 32,
         "kept_rank": 8,
         "kept_fraction": 0.25,
+        "break_even_rank": 16.0,  # the synthetic export records no speed_break_even: the parameter break-even
         "stored_as": "factored",
         "parameters_dense": 1024,
         "parameters_kept": 512,
@@ -337,3 +332,21 @@ def test_short_names_and_representative_layers():
     assert [row[0] for row in grid] == [f"bert.encoder.layer.{i}.attention.self.query" for i in (0, 2, 5)]
     # No repeated blocks: one row with the first, middle and last layers.
     assert representative_layers(["pooler.dense", "classifier"]) == [["pooler.dense", "classifier"]]
+
+
+def test_layers_are_stored_dense_from_the_exports_own_break_even(tmp_path):
+    from builders import make_bert
+
+    from hf_svd_compress import prune_, save_compressed, svd_factorize_
+    from hf_svd_compress.layers.allocation import BREAK_EVEN
+
+    model = svd_factorize_(make_bert())
+    prune_(model, budget=0.9, rank_multiple=1)  # three layers keep 0.9 to 1.0 of their parameter break-even rank
+    save_compressed(model, tmp_path / "export")
+    rows = build_report(tmp_path / "export")["layers"]
+    for row in rows:
+        (m, n), rank = row["shape"], row["kept_rank"]
+        assert row["break_even_rank"] == pytest.approx(BREAK_EVEN * m * n / (m + n))
+        assert (row["stored_as"] == "dense") == (rank >= row["break_even_rank"])
+    between = [row for row in rows if row["break_even_rank"] <= row["kept_rank"] < row["break_even_rank"] / BREAK_EVEN]
+    assert between and all(row["stored_as"] == "dense" for row in between)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import make_bert, token_dataset
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     HfArgumentParser,
     TrainerCallback,
@@ -37,25 +37,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "one_sgd_step.py"
 
 
 def tiny_model(config: SVDConfig | None = None, seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    bert = BertForSequenceClassification(
-        BertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            vocab_size=100,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    )
-    return svd_factorize_(bert, config or SVDConfig(sparsity_weight=0.01))
-
-
-def tiny_data(n: int = 32) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 100, (n, 10), generator=g)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
+    return svd_factorize_(make_bert(seed=seed).train(), config or SVDConfig(sparsity_weight=0.01))
 
 
 def args(tmp_path, **kw) -> SVDTrainingArguments:
@@ -160,7 +142,7 @@ def test_distillation_two_processes_with_accumulation_match_reference(distill_re
 
 def test_logs_unweighted_terms_next_to_loss(tmp_path):
     model = tiny_model()
-    trainer = SVDTrainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=tiny_data())
+    trainer = SVDTrainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=token_dataset())
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2
@@ -172,7 +154,7 @@ def test_logs_unweighted_terms_next_to_loss(tmp_path):
 
 def test_loss_is_task_loss_plus_weighted_terms(tmp_path):
     model = tiny_model(SVDConfig(orth_weight=3.0, sparsity="l1", sparsity_weight=0.2))
-    trainer = SVDTrainer(model=model, args=args(tmp_path), train_dataset=tiny_data())
+    trainer = SVDTrainer(model=model, args=args(tmp_path), train_dataset=token_dataset())
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     model.train()
     loss = trainer.compute_loss(model, batch)
@@ -184,7 +166,7 @@ def test_loss_is_task_loss_plus_weighted_terms(tmp_path):
 def test_eval_loss_has_no_regularizer(tmp_path):
     model = tiny_model(SVDConfig(sparsity="l1", sparsity_weight=1.0))
     eval_args = args(tmp_path, per_device_eval_batch_size=16)
-    trainer = SVDTrainer(model=model, args=eval_args, train_dataset=tiny_data(), eval_dataset=tiny_data(16))
+    trainer = SVDTrainer(model=model, args=eval_args, train_dataset=token_dataset(), eval_dataset=token_dataset(16))
     metrics = trainer.evaluate()
     model.eval()
     batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
@@ -195,7 +177,7 @@ def test_eval_loss_has_no_regularizer(tmp_path):
 def test_plain_training_arguments_use_model_config(tmp_path):
     model = tiny_model(SVDConfig(orth_weight=0.7, sparsity="hoyer_square", sparsity_weight=0.03))
     plain = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
-    trainer = SVDTrainer(model=model, args=plain, train_dataset=tiny_data())
+    trainer = SVDTrainer(model=model, args=plain, train_dataset=token_dataset())
     assert trainer.regularizer_weights() == (0.7, "hoyer_square", 0.03)
     trainer.train()
     assert "sparsity_loss" in trainer.state.log_history[0] or trainer.state.global_step == 1
@@ -203,9 +185,9 @@ def test_plain_training_arguments_use_model_config(tmp_path):
 
 def test_set_arguments_override_and_unset_defer(tmp_path):
     model = tiny_model(SVDConfig(orth_weight=0.7, sparsity="hoyer", sparsity_weight=0.03))
-    trainer = SVDTrainer(model=model, args=args(tmp_path, sparsity_weight=0.5), train_dataset=tiny_data())
+    trainer = SVDTrainer(model=model, args=args(tmp_path, sparsity_weight=0.5), train_dataset=token_dataset())
     assert trainer.regularizer_weights() == (0.7, "hoyer", 0.5)
-    trainer = SVDTrainer(model=model, args=args(tmp_path, sparsity="none"), train_dataset=tiny_data())
+    trainer = SVDTrainer(model=model, args=args(tmp_path, sparsity="none"), train_dataset=token_dataset())
     assert trainer.regularizer_weights() == (0.7, None, 0.0)
 
 
@@ -248,9 +230,9 @@ def test_numpy_scalars_are_accepted_as_numbers(tmp_path):
 
 
 def test_unfactored_model_is_refused(tmp_path):
-    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+    model = make_bert()
     with pytest.raises(ValueError, match="svd_factorize_"):
-        SVDTrainer(model=model, args=args(tmp_path), train_dataset=tiny_data())
+        SVDTrainer(model=model, args=args(tmp_path), train_dataset=token_dataset())
 
 
 # ---- distillation from a teacher ----------------------------------------------------------------------------------
@@ -268,7 +250,7 @@ def dense_teacher(seed: int = 5) -> BertForSequenceClassification:
 def test_hidden_state_distillation_adds_its_weighted_term_and_logs_it(tmp_path):
     model, teacher = tiny_model(SVDConfig(orth_weight=0.0, sparsity=None)), dense_teacher()
     training_args = args(tmp_path, distill_alpha=0.25, distill_temperature=3.0, distill_hidden_weight=2.0)
-    trainer = SVDTrainer(model=model, args=training_args, train_dataset=tiny_data(), teacher_model=teacher)
+    trainer = SVDTrainer(model=model, args=training_args, train_dataset=token_dataset(), teacher_model=teacher)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     model.train()
     loss = trainer.compute_loss(model, batch)
@@ -287,7 +269,7 @@ def test_hidden_state_distillation_adds_its_weighted_term_and_logs_it(tmp_path):
 def test_loss_mixes_task_and_distillation_and_logs_it(tmp_path):
     model, teacher = tiny_model(SVDConfig(orth_weight=0.0, sparsity=None)), dense_teacher()
     training_args = args(tmp_path, distill_alpha=0.25, distill_temperature=3.0, distill_hidden_weight=0.0)
-    trainer = SVDTrainer(model=model, args=training_args, train_dataset=tiny_data(), teacher_model=teacher)
+    trainer = SVDTrainer(model=model, args=training_args, train_dataset=token_dataset(), teacher_model=teacher)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     model.train()
     loss = trainer.compute_loss(model, batch)
@@ -307,8 +289,8 @@ def test_distillation_pulls_the_student_to_the_teacher(tmp_path):
     def kl_after(alpha: float) -> float:
         model, teacher = tiny_model(SVDConfig(orth_weight=0.0, sparsity=None)), dense_teacher()
         training_args = args(tmp_path / str(alpha), max_steps=16, learning_rate=5e-3, distill_alpha=alpha)
-        SVDTrainer(model=model, args=training_args, train_dataset=tiny_data(), teacher_model=teacher).train()
-        ids = torch.tensor(tiny_data()["input_ids"])
+        SVDTrainer(model=model, args=training_args, train_dataset=token_dataset(), teacher_model=teacher).train()
+        ids = torch.tensor(token_dataset()["input_ids"])
         model.eval()
         with torch.no_grad():
             return distillation_loss(model(input_ids=ids).logits, teacher(input_ids=ids).logits).item()
@@ -319,7 +301,7 @@ def test_distillation_pulls_the_student_to_the_teacher(tmp_path):
 def test_eval_loss_has_no_distillation(tmp_path):
     model = tiny_model(SVDConfig(sparsity=None))
     eval_args = args(tmp_path, per_device_eval_batch_size=16, distill_alpha=0.9)
-    trainer = SVDTrainer(model=model, args=eval_args, eval_dataset=tiny_data(16), teacher_model=dense_teacher())
+    trainer = SVDTrainer(model=model, args=eval_args, eval_dataset=token_dataset(16), teacher_model=dense_teacher())
     metrics = trainer.evaluate()
     batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
     with torch.no_grad():
@@ -329,14 +311,16 @@ def test_eval_loss_has_no_distillation(tmp_path):
 def test_distillation_settings_are_checked_up_front(tmp_path):
     model = tiny_model()
     with pytest.raises(ValueError, match="no teacher_model"):
-        SVDTrainer(model=model, args=args(tmp_path, distill_alpha=0.5), train_dataset=tiny_data())
+        SVDTrainer(model=model, args=args(tmp_path, distill_alpha=0.5), train_dataset=token_dataset())
     with pytest.raises(ValueError, match="shares parameters"):
-        SVDTrainer(model=model, args=args(tmp_path), train_dataset=tiny_data(), teacher_model=model)
+        SVDTrainer(model=model, args=args(tmp_path), train_dataset=token_dataset(), teacher_model=model)
     with pytest.raises(ValueError, match="distill_alpha 1.5"):
         args(tmp_path, distill_alpha=1.5)
     with pytest.raises(ValueError, match="distill_temperature 0"):
         args(tmp_path, distill_temperature=0.0)
-    trainer = SVDTrainer(model=model, args=args(tmp_path), train_dataset=tiny_data(), teacher_model=dense_teacher())
+    trainer = SVDTrainer(
+        model=model, args=args(tmp_path), train_dataset=token_dataset(), teacher_model=dense_teacher()
+    )
     assert trainer.distill_alpha == 0.5  # unset: the default weight with a teacher
 
 
@@ -346,7 +330,7 @@ def test_distillation_settings_are_checked_up_front(tmp_path):
 def test_prune_at_step_then_fine_tune_without_sparsity(tmp_path):
     model = tiny_model(SVDConfig(sparsity="hoyer", sparsity_weight=0.05))
     training_args = args(tmp_path, max_steps=6, prune_at_step=3, prune_energy=0.8)
-    trainer = SVDTrainer(model=model, args=training_args, train_dataset=tiny_data())
+    trainer = SVDTrainer(model=model, args=training_args, train_dataset=token_dataset())
     trainer.train()
     ranks = current_ranks(model)
     assert all(rank < model.get_submodule(name).full_rank for name, rank in ranks.items())
@@ -359,7 +343,7 @@ def test_prune_at_step_then_fine_tune_without_sparsity(tmp_path):
 def test_gradual_pruning_follows_the_cubic_schedule_to_the_budget(tmp_path):
     model = tiny_model(SVDConfig(sparsity="hoyer", sparsity_weight=0.05, prune_rank_multiple=1))
     kw = dict(max_steps=8, prune_start_step=2, prune_at_step=6, prune_budget=0.4, logging_steps=1)
-    trainer = SVDTrainer(model=model, args=args(tmp_path, **kw), train_dataset=tiny_data())
+    trainer = SVDTrainer(model=model, args=args(tmp_path, **kw), train_dataset=token_dataset())
     (pruning,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SVDPruningCallback)]
     budgets = [pruning.target(step)[1] for step in range(9)]
     assert budgets[:3] == [None, None, None] and budgets[7:] == [None, None]  # step 2: progress 0 cuts nothing
@@ -383,7 +367,7 @@ def test_gradual_pruning_needs_a_later_prune_at_step(tmp_path):
     with pytest.raises(ValueError, match="--prune_start_step -1"):
         args(tmp_path, prune_start_step=-1)
     with pytest.raises(ValueError, match="without --prune_at_step"):
-        SVDTrainer(model=tiny_model(), args=args(tmp_path, prune_start_step=3), train_dataset=tiny_data())
+        SVDTrainer(model=tiny_model(), args=args(tmp_path, prune_start_step=3), train_dataset=token_dataset())
     with pytest.raises(ValueError, match="start_step=5"):
         SVDPruningCallback(at_step=5, budget=0.5, start_step=5)
     with pytest.raises(ValueError, match="needs a budget target"):
@@ -402,14 +386,14 @@ class StopAfter(TrainerCallback):
 def test_resume_from_checkpoint_continues_exactly(tmp_path):
     common = dict(max_steps=6, prune_at_step=2, prune_energy=0.8, save_strategy="steps", save_steps=3)
     full = tiny_model()
-    SVDTrainer(model=full, args=args(tmp_path / "a", **common), train_dataset=tiny_data()).train()
+    SVDTrainer(model=full, args=args(tmp_path / "a", **common), train_dataset=token_dataset()).train()
 
     interrupted = tiny_model()
-    first = SVDTrainer(model=interrupted, args=args(tmp_path / "b", **common), train_dataset=tiny_data())
+    first = SVDTrainer(model=interrupted, args=args(tmp_path / "b", **common), train_dataset=token_dataset())
     first.add_callback(StopAfter(3))  # a crash after the step-3 checkpoint, same schedule as the full run
     first.train()
     resumed = tiny_model()  # a fresh factored model: masks and factors come from the checkpoint
-    trainer = SVDTrainer(model=resumed, args=args(tmp_path / "b", **common), train_dataset=tiny_data())
+    trainer = SVDTrainer(model=resumed, args=args(tmp_path / "b", **common), train_dataset=token_dataset())
     trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
     assert current_ranks(resumed) == current_ranks(full)
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
@@ -421,7 +405,7 @@ def test_gradient_checkpointing_does_not_count_terms_twice(tmp_path):
     for checkpointing in (False, True):
         model = tiny_model(SVDConfig(sparsity="l1", sparsity_weight=0.1))
         training_args = args(tmp_path, max_steps=1, gradient_checkpointing=checkpointing)
-        trainer = SVDTrainer(model=model, args=training_args, train_dataset=tiny_data())
+        trainer = SVDTrainer(model=model, args=training_args, train_dataset=token_dataset())
         trainer.train()
         losses.append(trainer.state.log_history[0]["loss"])
         assert trainer.state.log_history[0]["sparsity_loss"] == pytest.approx(
@@ -433,7 +417,9 @@ def test_gradient_checkpointing_does_not_count_terms_twice(tmp_path):
 def test_singular_value_lr_scale_gives_s_its_own_learning_rate(tmp_path):
     model = tiny_model()
     trainer = SVDTrainer(
-        model=model, args=args(tmp_path, learning_rate=1e-3, singular_value_lr_scale=100.0), train_dataset=tiny_data()
+        model=model,
+        args=args(tmp_path, learning_rate=1e-3, singular_value_lr_scale=100.0),
+        train_dataset=token_dataset(),
     )
     optimizer = trainer.create_optimizer()
     s_ids = {id(layer.s) for layer in list(svd_layers(trainer.model).values())}
@@ -466,7 +452,7 @@ def test_singular_values_return_to_the_base_rate_once_pruned(tmp_path, gradual):
     pruning = dict(prune_budget=0.5, prune_start_step=0) if gradual else dict(prune_energy=0.9)
     kw = dict(learning_rate=1e-3, singular_value_lr_scale=100.0, max_steps=5, prune_at_step=2, **pruning)
     trainer = SVDTrainer(
-        model=tiny_model(), args=args(tmp_path, lr_scheduler_type="linear", **kw), train_dataset=tiny_data()
+        model=tiny_model(), args=args(tmp_path, lr_scheduler_type="linear", **kw), train_dataset=token_dataset()
     )
     record = RecordLearningRates()
     trainer.add_callback(record)
@@ -479,7 +465,7 @@ def test_singular_values_return_to_the_base_rate_once_pruned(tmp_path, gradual):
 
 def test_evaluate_before_training_a_model_whose_loss_takes_num_items(tmp_path):
     # ViT's loss uses `num_items_in_batch`: the regularizer scale reads Trainer state that exists only in training.
-    from conftest import make_vit
+    from builders import make_vit
 
     model = svd_factorize_(make_vit(), SVDConfig(sparsity="l1", sparsity_weight=1.0, parameterization="cur"))
     g = torch.Generator().manual_seed(0)

@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import forward, make_bert, make_vit, relative_error, vit_inputs
+from builders import forward, make_bert, make_vit, vit_inputs
+from conftest import relative_error
 from test_calibration import text_examples
 from torch import nn
 

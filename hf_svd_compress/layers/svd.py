@@ -67,7 +67,7 @@ class SVDLinear(FactoredLayer):
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.register_buffer("mask", torch.ones(rank, dtype=torch.bool, device=device))
         self.register_buffer("input_scale", None)  # set by from_linear(input_scale=); None: the plain SVD
-        # Which regularizer terms forward() records, set by SVDTrainer; see `record_regularizers`.
+        # Which regularizer terms forward() records: set by `configure_regularizers` (SVDTrainer calls it).
         self.orth_enabled = False
         self.orth_probes = 0  # > 0: randomized orthogonality estimate (see `orthogonality_loss`)
         self.sparsity_kind: str | None = None

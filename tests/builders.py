@@ -1,4 +1,5 @@
-"""Tiny random models of every architecture family the package supports, built from configs in milliseconds.
+"""Every tiny model the tests build, from configs in milliseconds: the BERT / ViT / GPT-2 / MLP builders most tests
+use, their inputs, and the registry of every architecture family the package supports (`ARCHITECTURES`).
 
 Each `Arch` names the transformers task class its export is loaded with and builds matching inputs. The families:
 text encoders (BERT and its relatives, ModernBERT), vision encoders (ViT, DeiT, BEiT, Swin, CLIP vision, DINOv2),
@@ -7,14 +8,157 @@ decoders (GPT-2, Llama, Qwen2) and an encoder-decoder (T5).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
+from datasets import Dataset
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 SEQ, IMAGE = 8, 32
+SEED = 0
+
+
+def seed_everything(seed: int = SEED) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+def bert_config(**overrides: Any) -> BertConfig:
+    """The tiny BERT config every BERT test builds on: 2 layers, hidden 32, 4 heads, no dropout."""
+    base = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertConfig(**{**base, **overrides})
+
+
+def make_bert(seed: int = SEED, task_class: type = BertForSequenceClassification, **config: Any) -> torch.nn.Module:
+    """A tiny BERT (`bert_config(**config)`) of `task_class`, weights drawn from `seed`, in eval mode."""
+    seed_everything(seed)
+    return task_class(bert_config(**config)).eval()
+
+
+def vit_config(**overrides: Any) -> ViTConfig:
+    """The tiny ViT config: 2 layers, hidden 32, 16 x 16 images in 8 x 8 patches, 3 labels, no dropout."""
+    base = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return ViTConfig(**{**base, **overrides})
+
+
+def make_vit(**config: Any) -> ViTForImageClassification:
+    """A tiny ViT (`vit_config(**config)`), weights drawn from `SEED`, in eval mode."""
+    seed_everything()
+    return ViTForImageClassification(vit_config(**config)).eval()
+
+
+def make_gpt2() -> GPT2LMHeadModel:
+    seed_everything()
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=100,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+class ToyMLP(nn.Module):
+    """Two residual blocks, each an `nn.Sequential` of Linear layers (tall 12->24 and wide 24->12), plus a head."""
+
+    def __init__(self, width: int = 12, hidden: int = 24, num_blocks: int = 2, num_classes: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width)) for _ in range(num_blocks)
+        )
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def make_mlp() -> ToyMLP:
+    seed_everything()
+    return ToyMLP().eval()
+
+
+# ----------------------------------------------------------------------------------------------------- inputs
+
+
+def bert_inputs(batch: int = 2, seq: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, -2:] = 0
+    return {"input_ids": torch.randint(0, 100, (batch, seq), generator=g), "attention_mask": mask}
+
+
+def vit_inputs(batch: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+
+
+def gpt2_inputs(batch: int = 2, seq: int = 9) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {"input_ids": torch.randint(0, 100, (batch, seq), generator=g)}
+
+
+def mlp_inputs(batch: int = 5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    return {"x": torch.randn(batch, 12, generator=g)}
+
+
+def forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's main output tensor (logits for the Transformers models)."""
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def token_dataset(n: int = 32, vocab: int = 100, length: int = 10) -> Dataset:
+    """`n` random token sequences labelled by the parity of their first token (a learnable two-class task)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
+
+
+# ------------------------------------------------------------------------------------ the architecture registry
 
 
 @dataclass(frozen=True)
