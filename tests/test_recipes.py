@@ -7,15 +7,28 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from builders import make_vit
 from PIL import Image
-from transformers import ViTImageProcessor
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+    ViTImageProcessor,
+)
 
 from hf_svd_compress import load_compressed
+from hf_svd_compress.tasks import (
+    ImageTaskArguments,
+    TextTaskArguments,
+    setup_image_classification,
+    setup_text_classification,
+)
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # The line of docs/howto.md and the recipes' docstrings, as written: no --use_cpu, no other launcher flag.
@@ -33,23 +46,41 @@ def launch(script: str, args: list[str], cwd: Path, launcher: list[str] = LAUNCH
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def check_export(out: Path, result: subprocess.CompletedProcess, example: dict) -> None:
+def check_export(out: Path, result: subprocess.CompletedProcess, task: Any) -> None:
+    """One export, on the main process, that scores what the trained model scored and loads the same three ways."""
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     # Saving happens once, on the main process: one export line, one folder, no leftover staging folders.
     assert result.stdout.count("[hf-svd-compress] 4/4") == 1
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("compressed")) == ["compressed"]
     summary = json.loads((out / "compressed" / "compression_summary.json").read_text())
     assert summary["ranks"] and all(v >= 1 for v in summary["ranks"].values())
-    model = load_compressed(out / "compressed").eval()
+    # The reloaded model on the recipe's own validation split scores what the trained model scored there.
+    args = TrainingArguments(out / "check", use_cpu=True, per_device_eval_batch_size=4, report_to=[])
+    setup_task = setup_text_classification if isinstance(task, TextTaskArguments) else setup_image_classification
+    setup = setup_task(task, args)
+    loaded = load_compressed(out / "compressed")
+    trainer = Trainer(loaded, args, data_collator=setup.data_collator, compute_metrics=setup.compute_metrics)
+    scores = trainer.evaluate(setup.eval_dataset)
+    assert scores["eval_accuracy"] == pytest.approx(summary["accuracy"]["compressed"]["accuracy"])
+    # ... and the other two loaders give the same logits.
+    batch = setup.data_collator([setup.eval_dataset[i] for i in range(2)])
+    batch = {k: v for k, v in batch.items() if k not in ("labels", "label")}
+    auto = AutoModelForImageClassification if "pixel_values" in batch else AutoModelForSequenceClassification
     with torch.no_grad():
-        assert torch.isfinite(model(**example).logits).all()
+        logits = loaded.eval()(**batch).logits
+        for other in (
+            load_compressed(out / "compressed", trainable=True),
+            auto.from_pretrained(out / "compressed", trust_remote_code=True),
+        ):
+            torch.testing.assert_close(other.eval()(**batch).logits, logits, atol=1e-5, rtol=1e-5)
 
 
 def test_text_recipe_two_processes_with_the_documented_line(tiny_text_model, tiny_text_csv, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: one DDP job of two processes."""
     args = ["--model_name_or_path", str(tiny_text_model), "--dataset", str(tiny_text_csv), "--max_length", "16"]
     result = launch("text_classification.py", [*args, *STEPS, "--output_dir", str(tmp_path)], tmp_path, DOCUMENTED)
-    check_export(tmp_path, result, {"input_ids": torch.tensor([[101, 2000, 102]])})
+    task = TextTaskArguments(model_name_or_path=str(tiny_text_model), dataset=str(tiny_text_csv), max_length=16)
+    check_export(tmp_path, result, task)
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in result.stderr
     # Each process trained on half the batches: the SVD stage logs its 10 steps once, from the main process.
     assert result.stdout.count("'distill_loss'") == 10
@@ -86,5 +117,7 @@ def test_image_recipe_two_processes_from_data_aware_factors(tiny_vit_and_images,
     model_dir, images = tiny_vit_and_images
     args = ["--model_name_or_path", str(model_dir), "--dataset", str(images), "--eval_size", "8", "--init", init]
     result = launch("image_classification.py", [*args, *STEPS, "--output_dir", str(tmp_path)], tmp_path)
-    check_export(tmp_path, result, {"pixel_values": torch.randn(1, 3, 16, 16)})
+    check_export(
+        tmp_path, result, ImageTaskArguments(model_name_or_path=str(model_dir), dataset=str(images), eval_size=8)
+    )
     assert result.stdout.count(f"from {init} factors") == 1  # stage lines are printed by the main process
