@@ -20,6 +20,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
     ViTImageProcessor,
+    default_data_collator,
 )
 
 from hf_svd_compress import load_compressed
@@ -55,7 +56,9 @@ def check_export(out: Path, result: subprocess.CompletedProcess, task: Any) -> N
     summary = json.loads((out / "compressed" / "compression_summary.json").read_text())
     assert summary["ranks"] and all(v >= 1 for v in summary["ranks"].values())
     # The reloaded model on the recipe's own validation split scores what the trained model scored there.
-    args = TrainingArguments(out / "check", use_cpu=True, per_device_eval_batch_size=4, report_to=[])
+    args = TrainingArguments(
+        out / "check", use_cpu=True, per_device_eval_batch_size=4, report_to=[], remove_unused_columns=False
+    )
     setup_task = setup_text_classification if isinstance(task, TextTaskArguments) else setup_image_classification
     setup = setup_task(task, args)
     loaded = load_compressed(out / "compressed")
@@ -63,7 +66,7 @@ def check_export(out: Path, result: subprocess.CompletedProcess, task: Any) -> N
     scores = trainer.evaluate(setup.eval_dataset)
     assert scores["eval_accuracy"] == pytest.approx(summary["accuracy"]["compressed"]["accuracy"])
     # ... and the other two loaders give the same logits.
-    batch = setup.data_collator([setup.eval_dataset[i] for i in range(2)])
+    batch = (setup.data_collator or default_data_collator)([setup.eval_dataset[i] for i in range(2)])
     batch = {k: v for k, v in batch.items() if k not in ("labels", "label")}
     auto = AutoModelForImageClassification if "pixel_values" in batch else AutoModelForSequenceClassification
     with torch.no_grad():

@@ -51,7 +51,7 @@ def svd_factorize_(
     calibration: CalibrationData | dict[str, torch.Tensor] | None = None,
     max_calibration_bytes: int | None = None,
 ) -> nn.Module:
-    """Replace the target layers of `model` by their full-rank SVD (`SVDLinear`), in place.
+    """Replace the target layers of `model` by factored layers of `config.parameterization` (`SVDLinear`), in place.
 
     An `nn.Conv2d` is factored too (as an `SVDConv2d`, in `config.conv_mode`) when `target_modules` names it;
     `"all-linear"` selects linear layers only.

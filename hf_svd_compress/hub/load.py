@@ -161,9 +161,11 @@ def runtime_module(meta: dict[str, Any]) -> ModuleType:
 def load_factored_checkpoint(path: str | os.PathLike, device: torch.device | str | None = None) -> PreTrainedModel:
     """Rebuild a model saved by `save_pretrained` (or a `Trainer` checkpoint) while factored, masks included.
 
-    The config carries `svd_training = {"config": SVDConfig.to_dict(), "ranks": {name: stored_rank}}`, written by
-    `svd_factorize_`; the weights hold each module's `U`, `s`, `V`, `bias` and `mask`. Use it to prune again
-    (`prune_`) or export (`save_compressed`) without training.
+    The config carries `svd_training = {"config": SVDConfig.to_dict(), "ranks": {name: stored_rank}, "layers":
+    {name: checkpoint_record}}`, written by `svd_factorize_` (and `truncate_`); each layer is rebuilt by its class's
+    `FactoredLayer.from_state` (any parameterization, CUR included; checkpoints without `layers` are read as SVD
+    layers), then the weights load strictly. Use it to prune again (`prune_`) or export (`save_compressed`) without
+    training. The model is returned as transformers builds it (training mode).
     """
     folder = Path(path)
     config_dict = read_json(folder / "config.json")

@@ -1,8 +1,9 @@
 """The registry of parameterizations: which `FactoredLayer` replaces a dense layer under `SVDConfig.parameterization`.
 
 Each parameterization module registers itself when it is imported (`layers/__init__.py` imports the built-in ones),
-as peft's `register_peft_method` does: `register_parameterization(name, dense_types, build)`. `factored_layer` then
-looks up the entry for the config's name and the dense layer's type; nothing else dispatches on names.
+as peft's `register_peft_method` does: `register_parameterization(Parameterization(name, dense_types, build))`;
+`factored_layer` looks up the entry for the config's name and the dense layer's type; nothing else dispatches on
+names.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable
 
@@ -392,11 +393,24 @@ class SVDCompressedConfig(_transformers_class(BASE_CONFIG_CLASS)):
     model_type = MODEL_TYPE
 
 
+def _loss_type(class_name: str) -> str | None:
+    """The `loss_type` transformers gives a model class of this name (`PreTrainedModel.__init__` reads the name)."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    if class_name in LOSS_MAPPING:
+        return class_name
+    found = re.findall(f"({'|'.join(LOSS_MAPPING)})", class_name)
+    return found[0] if found else None
+
+
 class _LowRankMixin:
     config_class = SVDCompressedConfig
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        # transformers picks the loss (`loss_function`) by the class name, and ours names none: use the base's.
+        base = next(c for c in type(self).__mro__ if getattr(transformers, c.__name__, None) is c)
+        self.loss_type = _loss_type(base.__name__)
         installed = install_low_rank_(self, config)
         # The guard tensors in the file make the plain base class fail; this class expects them.
         markers = {n.replace(".", r"\.") + r"\.weight$" for n in installed} | {GUARD_KEY.replace(".", r"\.") + "$"}
