@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from builders import make_bert
-from test_trainer import args, tiny_data
+from builders import make_bert, token_dataset
+from test_trainer import args
 
 from hf_svd_compress import compress, compress_config, current_ranks, svd_layers
 from hf_svd_compress.layers.allocation import layer_params
@@ -19,7 +19,7 @@ def kept_fraction(model: torch.nn.Module) -> float:
 
 
 def tokens(n: int = 32):
-    return tiny_data(n).map(lambda e: {"attention_mask": [1] * len(e["input_ids"])})
+    return token_dataset(n).map(lambda e: {"attention_mask": [1] * len(e["input_ids"])})
 
 
 @pytest.mark.parametrize("schedule", ["gradual", "at_start"])
