@@ -23,7 +23,7 @@ from transformers import (
     default_data_collator,
 )
 
-from hf_svd_compress import load_compressed
+from hf_svd_compress import load_compressed, load_factored_checkpoint
 from hf_svd_compress.tasks import (
     ImageTaskArguments,
     TextTaskArguments,
@@ -48,7 +48,7 @@ def launch(script: str, args: list[str], cwd: Path, launcher: list[str] = LAUNCH
 
 
 def check_export(out: Path, result: subprocess.CompletedProcess, task: Any) -> None:
-    """One export, on the main process, that scores what the trained model scored and loads the same three ways."""
+    """One export, on the main process, that computes (and scores) what the trained model did, through every loader."""
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     # Saving happens once, on the main process: one export line, one folder, no leftover staging folders.
     assert result.stdout.count("[hf-svd-compress] 4/4") == 1
@@ -65,17 +65,22 @@ def check_export(out: Path, result: subprocess.CompletedProcess, task: Any) -> N
     trainer = Trainer(loaded, args, data_collator=setup.data_collator, compute_metrics=setup.compute_metrics)
     scores = trainer.evaluate(setup.eval_dataset)
     assert scores["eval_accuracy"] == pytest.approx(summary["accuracy"]["compressed"]["accuracy"])
-    # ... and the other two loaders give the same logits.
+    # The export computes the model the recipe trained: without a fine-tuning stage, the factored model it saved
+    # after the SVD stage (`<output_dir>/factored`), truncated. All three loaders give its logits.
     batch = (setup.data_collator or default_data_collator)([setup.eval_dataset[i] for i in range(2)])
     batch = {k: v for k, v in batch.items() if k not in ("labels", "label")}
     auto = AutoModelForImageClassification if "pixel_values" in batch else AutoModelForSequenceClassification
     with torch.no_grad():
-        logits = loaded.eval()(**batch).logits
-        for other in (
+        trained = load_factored_checkpoint(out / "factored").eval()(**batch).logits
+        for model in (
+            loaded,
             load_compressed(out / "compressed", trainable=True),
             auto.from_pretrained(out / "compressed", trust_remote_code=True),
         ):
-            torch.testing.assert_close(other.eval()(**batch).logits, logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model.eval()(**batch).logits, trained, atol=1e-5, rtol=1e-4)
+        # Not vacuous: training and the cut moved the function well away from the base model's.
+        base = auto.from_pretrained(task.model_name_or_path).eval()(**batch).logits
+    assert (base - trained).abs().max() > 1e-3
 
 
 def test_text_recipe_two_processes_with_the_documented_line(tiny_text_model, tiny_text_csv, tmp_path):
