@@ -50,7 +50,6 @@ __all__ = [
     "optimal_core",
     "prune_cur_",
     "refresh_cur_selection_",
-    "truncate_cur_",
 ]
 
 
@@ -643,21 +642,6 @@ def refresh_cur_selection_(model: nn.Module) -> dict[str, int]:
     """Recompute every `CURLinear`'s leverage orders from its current weight; returns `{name: leverage_rank}`."""
     layers = {n: m for n, m in cur_layers(model).items() if isinstance(m, CURLinear)}
     return {name: layer.refresh_selection_().leverage_rank for name, layer in layers.items()}
-
-
-def truncate_cur_(model: nn.Module) -> dict[str, int]:
-    """Swap every pruned `CURLinear` for its `CompactCURLinear` (new, smaller parameters); returns the ranks.
-
-    Layers at full rank stay dense `CURLinear`s (three factors would store more than the weight). Changes parameter
-    shapes: call it between training runs or before export, never on a DDP-wrapped model.
-    """
-    ranks = {}
-    for name, layer in cur_layers(model).items():
-        if isinstance(layer, CURLinear) and layer.rank < layer.full_rank:
-            layer = layer.to_compact()
-            model.set_submodule(name, layer)
-        ranks[name] = layer.rank
-    return ranks
 
 
 # ---- rank selection -----------------------------------------------------------------------------------------------
